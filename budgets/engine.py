@@ -1,0 +1,684 @@
+"""The budget engine: which periods govern a call, and holds on them.
+
+Like a card payment: authorize sets an upper bound of the call's cost aside on every
+matching period with a conditional UPDATE (all of them or none), capture moves the actual
+cost into spent and releases the hold, void and expiry release it. Nothing reads a
+balance and then writes it: the database decides, row by row, in period-id order so two
+transactions never wait on each other in a circle.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import ROUND_FLOOR, Decimal
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q, Sum
+from django.utils import timezone
+
+from spend.models import SpendEntry
+
+from .errors import (
+    AgentPaused,
+    BudgetExceeded,
+    HoldConflict,
+    HoldNotFound,
+    InvalidRequest,
+    SubscriptionInactive,
+)
+from .models import (
+    STATE_SEVERITY,
+    Agent,
+    BudgetEvent,
+    BudgetPeriod,
+    BudgetPolicy,
+    EventKind,
+    Hold,
+    HoldLine,
+    HoldStatus,
+    PeriodState,
+    PolicySource,
+    ScopeType,
+    Tenant,
+    Window,
+)
+from .money import Prices
+from .windows import window_bounds
+
+log = logging.getLogger(__name__)
+
+MAX_USER_KEY = 128
+MAX_REQUEST_ID = 128
+# A refused conditional update re-reads the periods and tries again this many times,
+# so a call that lost a race to a concurrent one is clamped rather than refused.
+AUTHORIZE_ATTEMPTS = 3
+
+_EVENT_FOR_STATE = {
+    PeriodState.WARNED: EventKind.WARNED,
+    PeriodState.DEGRADED: EventKind.DEGRADED,
+    PeriodState.STOPPED: EventKind.STOPPED,
+}
+
+
+# --- Scope keys ---------------------------------------------------------------------
+
+
+def validate_user_key(user_key: str) -> str:
+    if len(user_key) > MAX_USER_KEY:
+        raise InvalidRequest(f"end-user key is longer than {MAX_USER_KEY} characters")
+    if user_key and not user_key.isprintable():
+        raise InvalidRequest("end-user key contains control characters")
+    return user_key
+
+
+def tenant_scope_key(tenant: Tenant) -> str:
+    return tenant.stripe_customer_id
+
+
+def agent_scope_key(agent: Agent) -> str:
+    return f"{agent.tenant.stripe_customer_id}:{agent.name}"
+
+
+def user_scope_key(tenant: Tenant, user_key: str) -> str:
+    return f"{tenant.stripe_customer_id}:{user_key}"
+
+
+# --- Thresholds and state -------------------------------------------------------------
+
+
+def threshold_nanos(limit_nanos: int, fraction: Decimal) -> int:
+    """A threshold in nanodollars; a state is reached when spent >= it."""
+    return int((Decimal(limit_nanos) * fraction).to_integral_value(rounding=ROUND_FLOOR))
+
+
+def thresholds_of(policy: BudgetPolicy) -> dict[str, int]:
+    return {
+        "limit_nanos": policy.limit_nanos,
+        "warn_nanos": threshold_nanos(policy.limit_nanos, policy.warn_at),
+        "soft_nanos": threshold_nanos(policy.limit_nanos, policy.soft_cap),
+        "hard_nanos": threshold_nanos(policy.limit_nanos, policy.hard_cap),
+    }
+
+
+def state_for(spent_nanos: int, warn_nanos: int, soft_nanos: int, hard_nanos: int) -> str:
+    if spent_nanos >= hard_nanos:
+        return PeriodState.STOPPED
+    if spent_nanos >= soft_nanos:
+        return PeriodState.DEGRADED
+    if spent_nanos >= warn_nanos:
+        return PeriodState.WARNED
+    return PeriodState.ACTIVE
+
+
+def _events_for_transition(
+    period: BudgetPeriod, old: str, new: str, detail: str = ""
+) -> list[BudgetEvent]:
+    old_rank, new_rank = STATE_SEVERITY[old], STATE_SEVERITY[new]
+    if new_rank < old_rank:
+        kinds = [EventKind.RECOVERED]
+    else:
+        # A jump from active to stopped crosses every threshold on the way; record each.
+        kinds = [
+            _EVENT_FOR_STATE[state]
+            for state, rank in STATE_SEVERITY.items()
+            if old_rank < rank <= new_rank
+        ]
+    return [
+        BudgetEvent(
+            period=period,
+            kind=kind,
+            spent_nanos=period.spent_nanos,
+            limit_nanos=period.limit_nanos,
+            detail=detail,
+        )
+        for kind in kinds
+    ]
+
+
+def _refresh_states(period_ids: Iterable[int], detail: str = "") -> list[BudgetPeriod]:
+    """Re-evaluate the state of these periods from their committed spend, store changes
+    and record each crossing once. Call inside the transaction that changed them."""
+    periods = list(BudgetPeriod.objects.filter(id__in=list(period_ids)).order_by("id"))
+    events: list[BudgetEvent] = []
+    for period in periods:
+        new = state_for(period.spent_nanos, period.warn_nanos, period.soft_nanos, period.hard_nanos)
+        if new != period.state:
+            events += _events_for_transition(period, period.state, new, detail)
+            BudgetPeriod.objects.filter(pk=period.pk).update(state=new)
+            period.state = new
+    if events:
+        BudgetEvent.objects.bulk_create(events, ignore_conflicts=True)
+    return periods
+
+
+# --- Policies and periods -----------------------------------------------------------
+
+
+def _default_policy_values(scope_type: str, tenant: Tenant) -> dict | None:
+    if scope_type == ScopeType.TENANT and tenant.plan_id is not None:
+        plan = tenant.plan
+        return {
+            "limit_nanos": plan.limit_nanos,
+            "window": plan.window,
+            "warn_at": plan.warn_at,
+            "soft_cap": plan.soft_cap,
+            "hard_cap": plan.hard_cap,
+            "source": PolicySource.PLAN,
+        }
+    limit = {
+        ScopeType.TENANT: settings.DEFAULT_DAILY_BUDGET_NANOS,
+        ScopeType.AGENT: settings.DEFAULT_AGENT_DAILY_BUDGET_NANOS,
+        ScopeType.USER: settings.DEFAULT_USER_DAILY_BUDGET_NANOS,
+    }[scope_type]
+    if limit is None:
+        return None
+    return {"limit_nanos": limit, "window": Window.DAY, "source": PolicySource.DEFAULT}
+
+
+def _matching_policies(tenant: Tenant, agent: Agent | None, user_key: str) -> list[BudgetPolicy]:
+    """Every policy that governs this call, creating the defaults for scopes that have
+    none. A disabled policy counts as the scope's choice: no default replaces it."""
+    wanted = {ScopeType.TENANT: (tenant_scope_key(tenant), {})}
+    match = Q(scope_type=ScopeType.TENANT)
+    if agent is not None:
+        wanted[ScopeType.AGENT] = (agent_scope_key(agent), {"agent": agent})
+        match |= Q(scope_type=ScopeType.AGENT, agent=agent)
+    if user_key:
+        wanted[ScopeType.USER] = (user_scope_key(tenant, user_key), {"user_key": user_key})
+        match |= Q(scope_type=ScopeType.USER, user_key=user_key)
+    policies = list(BudgetPolicy.objects.filter(match, tenant=tenant))
+    found = {p.scope_type for p in policies}
+    for scope_type, (scope_key, ties) in wanted.items():
+        if scope_type in found:
+            continue
+        values = _default_policy_values(scope_type, tenant)
+        if values is None:
+            continue
+        policy, _ = BudgetPolicy.objects.get_or_create(
+            scope_type=scope_type,
+            scope_key=scope_key,
+            defaults={"tenant": tenant, **ties, **values},
+        )
+        policies.append(policy)
+    return [p for p in policies if p.enabled]
+
+
+def open_period(policy: BudgetPolicy, now: datetime, tenant: Tenant | None = None) -> BudgetPeriod:
+    """The policy's period containing `now`, created on first use. Concurrent first uses
+    create one row: the loser of the insert reads the winner's."""
+    current = (
+        BudgetPeriod.objects.filter(
+            policy=policy, closed_at__isnull=True, window_start__lte=now, window_end__gt=now
+        )
+        .order_by("-window_start")
+        .first()
+    )
+    if current is not None:
+        return current
+    tenant = tenant or policy.tenant
+    start, end = window_bounds(
+        policy.window,
+        now,
+        billing_period_start=tenant.billing_period_start,
+        billing_period_end=tenant.billing_period_end,
+    )
+    previous = (
+        BudgetPeriod.objects.filter(policy=policy, window_start__lt=end)
+        .order_by("-window_start")
+        .first()
+    )
+    if previous is not None and previous.ends_at > start:
+        # The window changed shape, or a reset ended the last period inside this window:
+        # never overlap the period before.
+        start = previous.ends_at
+    try:
+        with transaction.atomic():
+            period = BudgetPeriod.objects.create(
+                policy=policy, window_start=start, window_end=end, **thresholds_of(policy)
+            )
+            if previous is not None:
+                BudgetEvent.objects.create(
+                    period=period,
+                    kind=EventKind.RESET,
+                    spent_nanos=previous.spent_nanos,
+                    limit_nanos=previous.limit_nanos,
+                    detail="new window",
+                )
+    except IntegrityError:
+        period = BudgetPeriod.objects.filter(
+            policy=policy, closed_at__isnull=True, window_start__lte=now, window_end__gt=now
+        ).first()
+        if period is None:
+            raise
+    return period
+
+
+def _open_periods(
+    policies: list[BudgetPolicy], tenant: Tenant, now: datetime
+) -> list[BudgetPeriod]:
+    if not policies:
+        return []
+    by_policy = {p.pk: p for p in policies}
+    periods = {
+        period.policy_id: period
+        for period in BudgetPeriod.objects.filter(
+            policy_id__in=by_policy,
+            closed_at__isnull=True,
+            window_start__lte=now,
+            window_end__gt=now,
+        ).order_by("window_start")
+    }
+    for policy_id, policy in by_policy.items():
+        if policy_id not in periods:
+            periods[policy_id] = open_period(policy, now, tenant)
+        periods[policy_id].policy = policy
+    return sorted(periods.values(), key=lambda p: p.pk)
+
+
+# --- The scope of a call ------------------------------------------------------------
+
+
+@dataclass
+class BudgetScope:
+    """The periods that govern one call, as read at `now`."""
+
+    tenant: Tenant
+    agent: Agent | None
+    user_key: str
+    now: datetime
+    periods: list[BudgetPeriod] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        if not self.periods:
+            return PeriodState.ACTIVE
+        return max((p.state for p in self.periods), key=lambda s: STATE_SEVERITY[s])
+
+    @property
+    def stopped_period(self) -> BudgetPeriod | None:
+        return next((p for p in self.periods if p.state == PeriodState.STOPPED), None)
+
+    @property
+    def binding_period(self) -> BudgetPeriod | None:
+        """The period with the least left: the one that decides how much a call may cost."""
+        return min(self.periods, key=lambda p: p.remaining_nanos, default=None)
+
+    @property
+    def remaining_nanos(self) -> int | None:
+        """What the tightest budget has left after spend and holds; None if unlimited."""
+        period = self.binding_period
+        return None if period is None else period.remaining_nanos
+
+    @property
+    def disabled_tools(self) -> list[str]:
+        """Tools removed from calls: those of every policy whose period is degraded or worse."""
+        tools: list[str] = []
+        for period in self.periods:
+            if STATE_SEVERITY[period.state] >= STATE_SEVERITY[PeriodState.DEGRADED]:
+                tools += [t for t in period.policy.disabled_tools if t not in tools]
+        return tools
+
+    def affordable_output_tokens(self, prices: Prices, input_tokens: int) -> int | None:
+        """How many output tokens of a model at `prices` these budgets can pay for after
+        the input; None when no budget limits it. Negative input headroom gives 0."""
+        remaining = self.remaining_nanos
+        if remaining is None:
+            return None
+        left = remaining - prices.cost_nanos(input_tokens, 0)
+        if left < 0:
+            return 0
+        if prices.output_nanos == 0:
+            return None
+        return left // prices.output_nanos
+
+
+def check_access(tenant: Tenant, agent: Agent | None) -> None:
+    if tenant.status != Tenant.Status.ACTIVE:
+        raise SubscriptionInactive(
+            f"tenant {tenant.stripe_customer_id} is {tenant.status}"
+            + (f": {tenant.status_reason}" if tenant.status_reason else ""),
+            {"tenant": tenant.stripe_customer_id},
+        )
+    if agent is not None and agent.paused:
+        raise AgentPaused(
+            f"agent {agent.name} is paused"
+            + (f": {agent.paused_reason}" if agent.paused_reason else ""),
+            {"agent": agent.name},
+        )
+
+
+def state_of(
+    tenant: Tenant, agent: Agent | None = None, user_key: str = "", now: datetime | None = None
+) -> BudgetScope:
+    """The budgets that govern a call by this tenant, agent and end user, right now."""
+    now = now or timezone.now()
+    validate_user_key(user_key)
+    policies = _matching_policies(tenant, agent, user_key)
+    return BudgetScope(tenant, agent, user_key, now, _open_periods(policies, tenant, now))
+
+
+def budget_exceeded(period: BudgetPeriod, message: str) -> BudgetExceeded:
+    return BudgetExceeded(
+        message,
+        scope_type=period.policy.scope_type,
+        scope_key=period.policy.scope_key,
+        spent_nanos=period.spent_nanos,
+        held_nanos=period.held_nanos,
+        limit_nanos=period.limit_nanos,
+        resets_at=period.window_end,
+    )
+
+
+# --- Holds --------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    def __init__(self, period_id: int) -> None:
+        self.period_id = period_id
+
+
+def _grant_output_tokens(
+    scope: BudgetScope, prices: Prices, input_tokens: int, max_output_tokens: int, min_output: int
+) -> int:
+    affordable = scope.affordable_output_tokens(prices, input_tokens)
+    if affordable is None or affordable >= max_output_tokens:
+        return max_output_tokens
+    if affordable < min(min_output, max_output_tokens):
+        period = scope.binding_period
+        raise budget_exceeded(
+            period,
+            f"the {period.policy.scope_type} budget {period.policy.scope_key} cannot pay for "
+            f"{min(min_output, max_output_tokens)} output tokens of this model",
+        )
+    return affordable
+
+
+def authorize(
+    scope: BudgetScope,
+    *,
+    request_id: str,
+    model: str,
+    prices: Prices,
+    input_tokens: int,
+    max_output_tokens: int,
+    min_output_tokens: int | None = None,
+    ttl: timedelta | None = None,
+) -> Hold:
+    """Set aside the upper-bound cost of a call on every period of `scope`, or refuse.
+
+    `input_tokens` is an upper bound of the prompt; `max_output_tokens` is what the
+    client asked for (or the model's maximum). If the budgets cannot pay for that many,
+    the hold is for as many as they can (the hold's max_output_tokens), down to
+    `min_output_tokens`; below that the call is refused with BudgetExceeded.
+    Idempotent by request_id: the same id returns the hold it already has.
+    """
+    if not request_id or len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+        raise InvalidRequest(f"request id must be 1-{MAX_REQUEST_ID} printable characters")
+    if input_tokens < 0:
+        raise InvalidRequest("input tokens cannot be negative")
+    if max_output_tokens < 1:
+        raise InvalidRequest("max_tokens must be at least 1")
+    check_access(scope.tenant, scope.agent)
+    min_output = settings.MIN_OUTPUT_TOKENS if min_output_tokens is None else min_output_tokens
+    ttl = ttl or timedelta(seconds=settings.HOLD_TTL_SECONDS)
+
+    refused_period_id = None
+    for attempt in range(AUTHORIZE_ATTEMPTS):
+        stopped = scope.stopped_period
+        if stopped is not None:
+            raise budget_exceeded(
+                stopped,
+                f"the {stopped.policy.scope_type} budget {stopped.policy.scope_key} is used up",
+            )
+        granted = _grant_output_tokens(scope, prices, input_tokens, max_output_tokens, min_output)
+        amount = prices.cost_nanos(input_tokens, granted)
+        try:
+            return _place_hold(scope, request_id, model, prices, input_tokens, granted, amount, ttl)
+        except _Refused as refused:
+            # Someone else took budget (or reset the period) since we read it: read again.
+            refused_period_id = refused.period_id
+            log.debug("hold refused on period %s, attempt %s", refused_period_id, attempt + 1)
+            scope = state_of(scope.tenant, scope.agent, scope.user_key, timezone.now())
+        except IntegrityError:
+            existing = Hold.objects.filter(request_id=request_id).first()
+            if existing is None:
+                raise
+            if existing.tenant_id != scope.tenant.pk:
+                raise InvalidRequest("this request id is already used") from None
+            return existing
+    period = next((p for p in scope.periods if p.pk == refused_period_id), scope.binding_period)
+    if period is None:  # pragma: no cover - a refusal always names a period
+        raise BudgetExceeded("budget exceeded")
+    raise budget_exceeded(
+        period,
+        f"the {period.policy.scope_type} budget {period.policy.scope_key} has too little left",
+    )
+
+
+def _place_hold(
+    scope: BudgetScope,
+    request_id: str,
+    model: str,
+    prices: Prices,
+    input_tokens: int,
+    granted: int,
+    amount: int,
+    ttl: timedelta,
+) -> Hold:
+    with transaction.atomic():
+        for period in scope.periods:  # sorted by id: a fixed lock order
+            taken = (
+                BudgetPeriod.objects.filter(pk=period.pk, closed_at__isnull=True)
+                .alias(committed=F("spent_nanos") + F("held_nanos"))
+                .filter(committed__lte=F("hard_nanos") - amount)
+                .update(held_nanos=F("held_nanos") + amount)
+            )
+            if taken != 1:
+                raise _Refused(period.pk)
+        hold = Hold.objects.create(
+            request_id=request_id,
+            tenant=scope.tenant,
+            agent=scope.agent,
+            user_key=scope.user_key,
+            model=model,
+            input_price_nanos=prices.input_nanos,
+            output_price_nanos=prices.output_nanos,
+            input_tokens=input_tokens,
+            max_output_tokens=granted,
+            amount_nanos=amount,
+            expires_at=scope.now + ttl,
+        )
+        HoldLine.objects.bulk_create(
+            [HoldLine(hold=hold, period=p, amount_nanos=amount) for p in scope.periods]
+        )
+    for period in scope.periods:
+        period.held_nanos += amount
+    return hold
+
+
+def _release(lines: Iterable[HoldLine], spent_nanos: int = 0, release_hold: bool = True) -> None:
+    """Move `spent_nanos` into each line's period and give back what the line held."""
+    for line in sorted(lines, key=lambda line: line.period_id):
+        changes = {}
+        if spent_nanos:
+            changes["spent_nanos"] = F("spent_nanos") + spent_nanos
+        if release_hold and line.amount_nanos:
+            changes["held_nanos"] = F("held_nanos") - line.amount_nanos
+        if changes:
+            BudgetPeriod.objects.filter(pk=line.period_id).update(**changes)
+
+
+def _locked_hold(hold: Hold | str) -> Hold:
+    request_id = hold if isinstance(hold, str) else hold.request_id
+    try:
+        return Hold.objects.select_for_update().get(request_id=request_id)
+    except Hold.DoesNotExist:
+        raise HoldNotFound(f"no authorization with request id {request_id!r}") from None
+
+
+def capture(
+    hold: Hold | str,
+    *,
+    prompt_tokens: int,
+    completion_tokens: int,
+    model: str | None = None,
+    prices: Prices | None = None,
+    usage_estimated: bool = False,
+    latency_ms: int | None = None,
+) -> SpendEntry:
+    """Charge a call: write its ledger row, move its cost into spent, release its hold,
+    and record any threshold it crossed. Capturing the same request twice charges once.
+
+    A call that cost more than its hold is still charged in full (the upstream already
+    billed it) and flagged `over_hold`; so is a call captured after its hold expired.
+    """
+    if prompt_tokens < 0 or completion_tokens < 0:
+        raise InvalidRequest("token counts cannot be negative")
+    with transaction.atomic():
+        hold = _locked_hold(hold)
+        if hold.status == HoldStatus.CAPTURED:
+            return SpendEntry.objects.get(request_id=hold.request_id)
+        if hold.status == HoldStatus.VOIDED:
+            raise HoldConflict(f"authorization {hold.request_id} was voided; nothing to capture")
+        model_used = model or hold.model
+        if prices is None:
+            if model_used != hold.model:
+                raise InvalidRequest(f"prices are needed to charge {model_used}")
+            prices = Prices(hold.input_price_nanos, hold.output_price_nanos)
+        cost = prices.cost_nanos(prompt_tokens, completion_tokens)
+        was_held = hold.status == HoldStatus.HELD
+        entry = SpendEntry.objects.create(
+            tenant_id=hold.tenant_id,
+            agent_id=hold.agent_id,
+            user_key=hold.user_key,
+            request_id=hold.request_id,
+            hold=hold,
+            model_requested=hold.model,
+            model_used=model_used,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            input_price_nanos=prices.input_nanos,
+            output_price_nanos=prices.output_nanos,
+            cost_nanos=cost,
+            held_nanos=hold.amount_nanos,
+            over_hold=cost > hold.amount_nanos or not was_held,
+            usage_estimated=usage_estimated,
+            latency_ms=latency_ms,
+        )
+        lines = list(hold.lines.all())
+        _release(lines, spent_nanos=cost, release_hold=was_held)
+        Hold.objects.filter(pk=hold.pk).update(
+            status=HoldStatus.CAPTURED, finished_at=timezone.now()
+        )
+        _refresh_states(line.period_id for line in lines)
+    return entry
+
+
+def void(hold: Hold | str) -> Hold:
+    """Release a hold without charging (the upstream call failed). Idempotent."""
+    with transaction.atomic():
+        hold = _locked_hold(hold)
+        if hold.status in (HoldStatus.VOIDED, HoldStatus.EXPIRED):
+            return hold
+        if hold.status == HoldStatus.CAPTURED:
+            raise HoldConflict(f"authorization {hold.request_id} was already captured")
+        _release(hold.lines.all())
+        hold.status, hold.finished_at = HoldStatus.VOIDED, timezone.now()
+        hold.save(update_fields=["status", "finished_at"])
+    return hold
+
+
+def expire_holds(now: datetime | None = None, batch_size: int = 1000) -> int:
+    """Release every hold past its expiry, so a crashed worker never strands budget.
+    Safe to run twice at once: each run claims rows the other has not locked."""
+    now = now or timezone.now()
+    expired = 0
+    while True:
+        with transaction.atomic():
+            ids = list(
+                Hold.objects.select_for_update(skip_locked=True)
+                .filter(status=HoldStatus.HELD, expires_at__lte=now)
+                .order_by("id")
+                .values_list("id", flat=True)[:batch_size]
+            )
+            if not ids:
+                return expired
+            Hold.objects.filter(id__in=ids).update(status=HoldStatus.EXPIRED, finished_at=now)
+            totals = (
+                HoldLine.objects.filter(hold_id__in=ids)
+                .values("period_id")
+                .annotate(total=Sum("amount_nanos"))
+                .order_by("period_id")
+            )
+            for row in totals:
+                BudgetPeriod.objects.filter(pk=row["period_id"]).update(
+                    held_nanos=F("held_nanos") - row["total"]
+                )
+        expired += len(ids)
+
+
+# --- Resets and policy changes ------------------------------------------------------
+
+
+def reset(
+    policy: BudgetPolicy, *, reason: str, by: str, now: datetime | None = None
+) -> BudgetPeriod:
+    """Close the policy's current period early and open a fresh one to the same window
+    end. History is kept: the old period keeps its spend, and any capture of a hold
+    placed on it still lands there."""
+    reason = reason.strip()
+    if not reason:
+        raise InvalidRequest("a reset needs a reason")
+    if len(reason) > 500:
+        raise InvalidRequest("the reason is longer than 500 characters")
+    now = now or timezone.now()
+    with transaction.atomic():
+        current = open_period(policy, now)
+        current = BudgetPeriod.objects.select_for_update().get(pk=current.pk)
+        if current.window_start >= now:
+            raise InvalidRequest("this budget was reset at this very moment; nothing to reset")
+        current.closed_at, current.close_reason, current.closed_by = now, reason, by[:150]
+        current.save(update_fields=["closed_at", "close_reason", "closed_by"])
+        fresh = BudgetPeriod.objects.create(
+            policy=policy, window_start=now, window_end=current.window_end, **thresholds_of(policy)
+        )
+        BudgetEvent.objects.create(
+            period=fresh,
+            kind=EventKind.RESET,
+            spent_nanos=current.spent_nanos,
+            limit_nanos=current.limit_nanos,
+            detail=f"reset by {by}: {reason}"[:500],
+        )
+    return fresh
+
+
+def apply_policy_change(
+    policy: BudgetPolicy, *, window_changed: bool, now: datetime | None = None
+) -> None:
+    """Bring the policy's open period in line with an edited policy: new thresholds take
+    effect at once (a raise can recover a stopped budget); a new window starts now."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        current = (
+            BudgetPeriod.objects.select_for_update()
+            .filter(
+                policy=policy, closed_at__isnull=True, window_start__lte=now, window_end__gt=now
+            )
+            .first()
+        )
+        if current is None:
+            return
+        if window_changed:
+            current.closed_at, current.close_reason, current.closed_by = (
+                now,
+                f"window changed to {policy.window}",
+                "policy change",
+            )
+            current.save(update_fields=["closed_at", "close_reason", "closed_by"])
+            return
+        BudgetPeriod.objects.filter(pk=current.pk).update(**thresholds_of(policy))
+        _refresh_states([current.pk], detail="policy changed")

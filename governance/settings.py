@@ -1,0 +1,227 @@
+"""Settings, all from the environment (12-factor) with safe defaults for the embedded
+mode. Every variable read here is listed in .env.example."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from budgets.money import InvalidAmount, usd_to_nanos
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+
+def _setting(name: str, parse, default):
+    """Read one variable and turn a bad value into an error that names it. An empty
+    value means the default, so .env.example can be copied as it is."""
+    if env.str(name, default="").strip() == "":
+        return default
+    try:
+        return parse(name, default=default)
+    except (ValueError, TypeError) as exc:
+        raise ImproperlyConfigured(f"{name}: {exc}") from exc
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = env.str(name, default="").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r}: use true or false")
+
+
+def _usd_setting(name: str, default: str, *, optional: bool = False) -> int | None:
+    raw = env.str(name, default="").strip() or default
+    if optional and raw == "":
+        return None
+    try:
+        nanos = usd_to_nanos(raw)
+    except InvalidAmount as exc:
+        raise ImproperlyConfigured(f"{name}={raw!r}: {exc}") from exc
+    if nanos <= 0:
+        raise ImproperlyConfigured(f"{name}={raw!r}: must be a positive amount of USD")
+    return nanos
+
+
+def _embedded_secret_key() -> str:
+    """The embedded default keeps a random key under var/ so sessions survive restarts;
+    a deployment sets SECRET_KEY."""
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+DEBUG = _bool("DEBUG", False)
+SECRET_KEY = env.str("SECRET_KEY", default="").strip() or _embedded_secret_key()
+ALLOWED_HOSTS = _setting("ALLOWED_HOSTS", env.list, ["127.0.0.1", "localhost"])
+CSRF_TRUSTED_ORIGINS = _setting("CSRF_TRUSTED_ORIGINS", env.list, [])
+
+# Behind a TLS-terminating proxy a deployment turns these on (see README, "Deploying").
+SECURE_SSL_REDIRECT = _bool("SECURE_SSL_REDIRECT", False)
+SESSION_COOKIE_SECURE = _bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = _bool("CSRF_COOKIE_SECURE", False)
+SECURE_HSTS_SECONDS = _setting("SECURE_HSTS_SECONDS", env.int, 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_SECONDS > 0
+SECURE_HSTS_PRELOAD = SECURE_HSTS_SECONDS > 0
+if _bool("SECURE_PROXY_SSL_HEADER", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_celery_beat",
+    "budgets",
+    "spend",
+    "routing",
+    "webhooks",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "governance.urls"
+ASGI_APPLICATION = "governance.asgi.application"
+WSGI_APPLICATION = "governance.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -----------------------------------------------------------------------
+# Embedded default: SQLite under var/. Scale-out: DATABASE_URL=postgres://...
+_default_sqlite = f"sqlite:///{VAR_DIR / 'governance.sqlite3'}"
+try:
+    DATABASES = {
+        "default": env.db_url_config(env.str("DATABASE_URL", default="") or _default_sqlite)
+    }
+except (ImproperlyConfigured, ValueError, KeyError) as exc:
+    raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from exc
+_ENGINES = ("django.db.backends.sqlite3", "django.db.backends.postgresql")
+if DATABASES["default"]["ENGINE"] not in _ENGINES:
+    raise ImproperlyConfigured(
+        "DATABASE_URL: use postgres://user:password@host:5432/name or sqlite:///path/to/file"
+    )
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE takes the write lock at BEGIN, so two writers queue instead of failing
+    # half-way with "database is locked"; WAL lets readers run beside the writer.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    if DATABASES["default"]["NAME"] not in ("", ":memory:"):
+        Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+else:
+    DATABASES["default"].setdefault("CONN_MAX_AGE", _setting("DB_CONN_MAX_AGE", env.int, 60))
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Cache and Celery ---------------------------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="").strip()
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_RESULT_BACKEND = REDIS_URL or None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+
+# --- Auth, i18n, static -------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # filled by collectstatic (make run)
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="").upper() or "INFO"},
+}
+
+# --- Budgets ------------------------------------------------------------------------
+# Budgets for scopes that have no policy of their own, in USD per day. The tenant
+# default always applies (a tenant is never ungoverned); agent and user defaults are
+# off unless set.
+DEFAULT_DAILY_BUDGET_NANOS = _usd_setting("DEFAULT_DAILY_BUDGET", "10")
+DEFAULT_AGENT_DAILY_BUDGET_NANOS = _usd_setting("DEFAULT_AGENT_DAILY_BUDGET", "", optional=True)
+DEFAULT_USER_DAILY_BUDGET_NANOS = _usd_setting("DEFAULT_USER_DAILY_BUDGET", "", optional=True)
+# A hold not captured or voided by then is released by expire_holds.
+HOLD_TTL_SECONDS = _setting("HOLD_TTL_SECONDS", env.int, 600)
+# Below this many affordable output tokens a call is refused (or sent to a cheaper model).
+MIN_OUTPUT_TOKENS = _setting("MIN_OUTPUT_TOKENS", env.int, 16)
+if HOLD_TTL_SECONDS <= 0:
+    raise ImproperlyConfigured("HOLD_TTL_SECONDS: must be a positive number of seconds")
+if MIN_OUTPUT_TOKENS <= 0:
+    raise ImproperlyConfigured("MIN_OUTPUT_TOKENS: must be a positive number of tokens")
+
+# --- Routing and upstream -----------------------------------------------------------
+# The model catalog: prices, context windows, aliases, downgrade and fallback chains.
+MODEL_CATALOG_PATH = Path(
+    env.str("MODEL_CATALOG_PATH", default="").strip() or BASE_DIR / "routing" / "catalog.yaml"
+)
+MISTRAL_SERVER_URL = env.str("MISTRAL_SERVER_URL", default="").strip() or "https://api.mistral.ai"
+MISTRAL_API_KEY = env.str("MISTRAL_API_KEY", default="").strip()
