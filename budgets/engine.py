@@ -442,7 +442,7 @@ def authorize(
             # Someone else took budget (or reset the period) since we read it: read again.
             refused_period_id = refused.period_id
             log.debug("hold refused on period %s, attempt %s", refused_period_id, attempt + 1)
-            scope = state_of(scope.tenant, scope.agent, scope.user_key, timezone.now())
+            scope = state_of(scope.tenant, scope.agent, scope.user_key, scope.now)
         except IntegrityError:
             existing = Hold.objects.filter(request_id=request_id).first()
             if existing is None:

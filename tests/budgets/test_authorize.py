@@ -230,3 +230,13 @@ def test_a_concurrently_lowered_budget_is_respected(acme, now):
 def test_it_refuses_bad_requests(acme, now, kwargs, problem):
     with pytest.raises(InvalidRequest, match=problem):
         authorize(acme, now=now, **kwargs)
+
+
+def test_a_retry_after_losing_a_race_stays_in_the_calls_window(acme, now):
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=1_000_000, now=now)
+    scope = engine.state_of(acme, now=now)
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=20_000, now=now)
+    engine.authorize(
+        scope, request_id="r", model="m", prices=PRICES, input_tokens=0, max_output_tokens=500
+    )
+    assert BudgetPeriod.objects.filter(policy__tenant=acme).count() == 1

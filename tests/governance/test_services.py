@@ -2,7 +2,7 @@
 
 import uuid
 
-from django.core.cache import cache
+from django.core.cache import cache, caches
 from django.db import connection
 
 
@@ -10,7 +10,7 @@ def test_the_cache_stores_and_reads(require_redis):
     key = f"probe-{uuid.uuid4()}"
     cache.set(key, "value", 10)
     assert cache.get(key) == "value"
-    assert "RedisCache" in type(cache).__name__
+    assert type(caches["default"]).__name__ == "RedisCache"
 
 
 def test_the_database_is_postgresql(require_postgres, db):
