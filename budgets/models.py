@@ -70,6 +70,15 @@ class HoldStatus(models.TextChoices):
     EXPIRED = "expired"
 
 
+class Strategy(models.TextChoices):
+    """How the gateway picks a model (routing/catalog.py implements them)."""
+
+    INHERIT = "", "inherit"
+    AS_REQUESTED = "as-requested"
+    COST_OPTIMIZED = "cost-optimized"
+    QUALITY = "quality"
+
+
 class PolicySource(models.TextChoices):
     OPERATOR = "operator", "set by an operator"
     PLAN = "plan", "from the tenant's plan"
@@ -198,6 +207,12 @@ class Agent(models.Model):
     paused = models.BooleanField(default=False)
     paused_reason = models.CharField(max_length=200, blank=True)
     paused_at = models.DateTimeField(null=True, blank=True)
+    strategy = models.CharField(
+        max_length=16,
+        choices=Strategy.choices,
+        blank=True,
+        help_text="Empty: the policies' choice.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -242,6 +257,9 @@ class BudgetPolicy(ThresholdsMixin):
         default=list, blank=True, help_text="Tool names removed from requests when degraded."
     )
     enabled = models.BooleanField(default=True)
+    strategy = models.CharField(
+        max_length=16, choices=Strategy.choices, blank=True, help_text="Empty: as requested."
+    )
     source = models.CharField(
         max_length=16, choices=PolicySource.choices, default=PolicySource.OPERATOR
     )

@@ -225,3 +225,21 @@ MODEL_CATALOG_PATH = Path(
 )
 MISTRAL_SERVER_URL = env.str("MISTRAL_SERVER_URL", default="").strip() or "https://api.mistral.ai"
 MISTRAL_API_KEY = env.str("MISTRAL_API_KEY", default="").strip()
+# Upstream timeout for one call, in milliseconds (streams: between chunks and overall).
+MISTRAL_TIMEOUT_MS = _setting("MISTRAL_TIMEOUT_MS", env.int, 60_000)
+# Consecutive upstream failures of a model that open its circuit, and for how long.
+CIRCUIT_BREAKER_FAILURES = _setting("CIRCUIT_BREAKER_FAILURES", env.int, 5)
+CIRCUIT_BREAKER_COOLDOWN_SECONDS = _setting("CIRCUIT_BREAKER_COOLDOWN_SECONDS", env.int, 30)
+# Largest request body the gateway accepts (bytes); larger: 413.
+GATEWAY_MAX_BODY_BYTES = _setting("GATEWAY_MAX_BODY_BYTES", env.int, 8 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
+# Seconds an authenticated key (with its agent and tenant) is cached by a web process:
+# a revocation, pause or suspension takes effect within this long.
+KEY_CACHE_SECONDS = _setting("KEY_CACHE_SECONDS", env.int, 5)
+for _name in ("MISTRAL_TIMEOUT_MS", "CIRCUIT_BREAKER_FAILURES", "GATEWAY_MAX_BODY_BYTES"):
+    if globals()[_name] <= 0:
+        raise ImproperlyConfigured(f"{_name}: must be a positive number")
+if CIRCUIT_BREAKER_COOLDOWN_SECONDS < 0 or KEY_CACHE_SECONDS < 0:
+    raise ImproperlyConfigured(
+        "CIRCUIT_BREAKER_COOLDOWN_SECONDS and KEY_CACHE_SECONDS cannot be negative"
+    )

@@ -1,9 +1,19 @@
 from django.contrib import admin
 from django.urls import path
+from django.views.generic import RedirectView
+
+from routing import authorizations
+from routing import views as gateway
 
 admin.site.site_header = "Spend Governance"
 admin.site.site_title = "Spend Governance"
 
 urlpatterns = [
+    path("", RedirectView.as_view(url="/admin/", permanent=False)),
     path("admin/", admin.site.urls),
+    path("v1/chat/completions", gateway.chat_completions, name="chat-completions"),
+    path("v1/models", gateway.list_models, name="models"),
+    path("api/authorizations", authorizations.authorize, name="authorize"),
+    path("api/authorizations/<str:request_id>/capture", authorizations.capture, name="capture"),
+    path("api/authorizations/<str:request_id>/void", authorizations.void, name="void"),
 ]

@@ -52,13 +52,16 @@ def test_production_settings_pass_the_deploy_check():
         ("MIN_OUTPUT_TOKENS", "-1", "MIN_OUTPUT_TOKENS"),
         ("DEBUG", "maybe", "DEBUG"),
         ("DATABASE_URL", "nosuchdb://x", "DATABASE_URL"),
+        ("MODEL_CATALOG_PATH", "/nonexistent/catalog.yaml", "/nonexistent/catalog.yaml"),
+        ("GATEWAY_MAX_BODY_BYTES", "0", "GATEWAY_MAX_BODY_BYTES"),
+        ("KEY_CACHE_SECONDS", "-1", "KEY_CACHE_SECONDS"),
     ],
 )
 def test_a_bad_variable_stops_the_start_and_is_named(variable, value, message):
     result = manage("check", env={variable: value})
     assert result.returncode != 0
     assert message in result.stderr
-    assert "ImproperlyConfigured" in result.stderr
+    assert "ImproperlyConfigured" in result.stderr or "CatalogError" in result.stderr
 
 
 def test_the_example_env_file_works_as_it_is(tmp_path):

@@ -1,0 +1,136 @@
+"""The Mistral upstream, through the official SDK (async).
+
+The SDK has a named argument for every field Mistral documents; a field it does not
+know would be dropped, so those travel in a private header that a small transport
+merges back into the JSON body (the fields the SDK serialized win).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+from django.conf import settings
+from mistralai.client import Mistral
+
+EXTRA_FIELDS_HEADER = "x-governance-extra-fields"
+SDK_FIELDS = frozenset(
+    {
+        "model", "messages", "temperature", "top_p", "max_tokens", "stream", "stop",
+        "random_seed", "metadata", "response_format", "tools", "tool_choice",
+        "presence_penalty", "frequency_penalty", "min_tokens", "repetition_penalty", "top_k",
+        "logprobs", "top_logprobs", "prompt_logprobs", "top_prompt_logprobs", "n",
+        "prediction", "parallel_tool_calls", "reasoning_effort", "prompt_mode", "guardrails",
+        "prompt_cache_key", "service_tier", "safe_prompt",
+    }
+)  # fmt: skip
+
+
+class ExtraFieldsTransport(httpx2.AsyncHTTPTransport):
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        extra = request.headers.get(EXTRA_FIELDS_HEADER)
+        if extra is not None:
+            body = json.loads(request.content or b"{}")
+            merged = {**json.loads(extra), **body}
+            headers = [
+                (k, v) for k, v in request.headers.multi_items() if k.lower() != EXTRA_FIELDS_HEADER
+            ]
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            request = httpx2.Request(
+                request.method,
+                request.url,
+                headers=headers,
+                content=json.dumps(merged).encode(),
+                extensions=request.extensions,
+            )
+        return await super().handle_async_request(request)
+
+
+def split_fields(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(arguments the SDK takes, fields to pass through as they are)."""
+    known = {k: v for k, v in body.items() if k in SDK_FIELDS}
+    extra = {k: v for k, v in body.items() if k not in SDK_FIELDS}
+    return known, extra
+
+
+_client: Mistral | None = None
+_client_lock = threading.Lock()
+
+
+def client() -> Mistral:
+    """One SDK client (and connection pool) per process."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            transport = ExtraFieldsTransport(
+                limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=200)
+            )
+            _client = Mistral(
+                api_key=settings.MISTRAL_API_KEY or "simulated",
+                server_url=settings.MISTRAL_SERVER_URL,
+                timeout_ms=settings.MISTRAL_TIMEOUT_MS,
+                async_client=httpx2.AsyncClient(transport=transport, timeout=None),
+            )
+        return _client
+
+
+def reset_client() -> None:
+    """Forget the client (tests and settings changes)."""
+    global _client
+    with _client_lock:
+        _client = None
+
+
+def request_options(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"http_headers": {EXTRA_FIELDS_HEADER: json.dumps(extra)}} if extra else {}
+
+
+# --- Circuit breaker ----------------------------------------------------------------
+
+
+@dataclass
+class _Circuit:
+    failures: int = 0
+    open_until: float = 0.0
+
+
+@dataclass
+class CircuitBreaker:
+    """Stops sending to a model that keeps failing, for a while. Per process: each web
+    process learns on its own, which is enough to shed load from a failing model."""
+
+    threshold: int
+    cooldown_seconds: float
+    _circuits: dict[str, _Circuit] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def is_open(self, model: str) -> bool:
+        with self._lock:
+            circuit = self._circuits.get(model)
+            return circuit is not None and circuit.open_until > time.monotonic()
+
+    def record_failure(self, model: str) -> None:
+        with self._lock:
+            circuit = self._circuits.setdefault(model, _Circuit())
+            circuit.failures += 1
+            if circuit.failures >= self.threshold:
+                circuit.open_until = time.monotonic() + self.cooldown_seconds
+                circuit.failures = 0
+
+    def record_success(self, model: str) -> None:
+        with self._lock:
+            self._circuits.pop(model, None)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._circuits.clear()
+
+
+breaker = CircuitBreaker(
+    threshold=settings.CIRCUIT_BREAKER_FAILURES,
+    cooldown_seconds=settings.CIRCUIT_BREAKER_COOLDOWN_SECONDS,
+)

@@ -1,0 +1,341 @@
+"""The gateway agents call: Mistral-compatible chat completions and models.
+
+Views are async so a thousand slow upstream calls need no thousand threads; database
+work (the budget engine) runs in a thread pool, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import httpx2
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from mistralai.client.errors import MistralError
+from pydantic import ValidationError
+
+from budgets.errors import GovernanceError, InvalidApiKey, InvalidRequest
+from governance.http import error_details, status_for
+
+from . import gateway, upstream
+from .catalog import get_catalog
+
+log = logging.getLogger("governance.gateway")
+
+
+def in_thread(function):
+    # thread_sensitive=False: engine calls from concurrent requests run in parallel
+    # threads instead of queueing on Django's single sync thread.
+    return sync_to_async(function, thread_sensitive=False)
+
+
+class RequestTooLarge(GovernanceError):
+    code = "request_too_large"
+
+
+class UpstreamUnavailable(GovernanceError):
+    code = "upstream_unavailable"
+
+
+class UpstreamError(Exception):
+    """An upstream 4xx, passed through to the agent."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        self.status, self.body = status, body
+
+
+def error_response(
+    code: str, message: str, status: int, request_id: str, details: dict | None = None, headers=None
+) -> JsonResponse:
+    """Mistral's error shape, plus our code and details (the openai SDK reads `code`)."""
+    body = {
+        "object": "error",
+        "message": message,
+        "type": "governance_error" if status != 400 else "invalid_request_error",
+        "param": None,
+        "code": code,
+    }
+    if details:
+        body["details"] = details
+    response = JsonResponse(body, status=status)
+    response["X-Request-Id"] = request_id
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+def governance_error(error: GovernanceError, request_id: str) -> JsonResponse:
+    return error_response(
+        error.code, error.message, status_for(error.code), request_id, error_details(error)
+    )
+
+
+def bearer_key(request: HttpRequest) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidApiKey("send the agent's key as 'Authorization: Bearer <key>'")
+    return token.strip()
+
+
+def read_json(request: HttpRequest) -> dict[str, Any]:
+    """The request's JSON object, refusing wrong types, oversized and malformed bodies."""
+    length = request.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > settings.GATEWAY_MAX_BODY_BYTES:
+        raise RequestTooLarge(
+            f"the request body is larger than {settings.GATEWAY_MAX_BODY_BYTES} bytes"
+        )
+    content_type = request.content_type or ""
+    if content_type != "application/json":
+        raise InvalidRequest(
+            f"send JSON with Content-Type: application/json (got {content_type or 'none'!r})"
+        )
+    raw = request.body
+    if len(raw) > settings.GATEWAY_MAX_BODY_BYTES:
+        raise RequestTooLarge(
+            f"the request body is larger than {settings.GATEWAY_MAX_BODY_BYTES} bytes"
+        )
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def upstream_arguments(plan: gateway.CallPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+    body = {**plan.body, "model": plan.model.upstream_name, "max_tokens": plan.max_tokens}
+    body.pop("stream", None)
+    known, extra = upstream.split_fields(body)
+    return known, upstream.request_options(extra)
+
+
+def _is_upstream_failure(exc: BaseException) -> bool:
+    """5xx, timeouts and connection errors: worth a fallback model. A 4xx is the agent's."""
+    if isinstance(exc, MistralError):
+        return exc.status_code >= 500
+    return isinstance(exc, httpx2.TransportError)
+
+
+def _upstream_4xx(exc: MistralError) -> UpstreamError:
+    try:
+        body = json.loads(exc.body)
+    except (TypeError, ValueError):
+        body = {
+            "object": "error",
+            "message": exc.body or str(exc),
+            "type": "upstream_error",
+            "code": None,
+        }
+    return UpstreamError(exc.status_code, body)
+
+
+async def _next_plan(plan, key, original, user_key, tried: set[str], attempt: int):
+    """After an upstream failure: the next fallback model whose circuit is closed."""
+    needed = gateway.required_capabilities(original)
+    for candidate in get_catalog().fallbacks(plan.model.id, required_capabilities=needed):
+        if candidate.id in tried or upstream.breaker.is_open(candidate.id):
+            continue
+        try:
+            return await in_thread(gateway.plan_call)(
+                key,
+                original,
+                request_id=f"{plan.request_id}.{attempt}",
+                user_key=user_key,
+                force_model=candidate.id,
+            )
+        except GovernanceError:
+            continue
+    return None
+
+
+async def _open_upstream(plan, key, original, user_key, *, stream: bool):
+    """Call upstream, falling back along the model's chain on failures. Returns the plan
+    that succeeded and the response (or open stream)."""
+    tried: set[str] = set()
+    attempt = 0
+    while True:
+        tried.add(plan.model.id)
+        if not upstream.breaker.is_open(plan.model.id):
+            known, options = upstream_arguments(plan)
+            started = time.monotonic()
+            try:
+                if stream:
+                    response = await upstream.client().chat.stream_async(**known, **options)
+                else:
+                    response = await upstream.client().chat.complete_async(**known, **options)
+            except ValidationError as exc:
+                await in_thread(gateway.void)(plan)
+                raise InvalidRequest(
+                    f"the request does not match Mistral's API: {exc.errors()[0]['msg']}"
+                ) from None
+            except (MistralError, httpx2.TransportError) as exc:
+                await in_thread(gateway.void)(plan)
+                if not _is_upstream_failure(exc):
+                    raise _upstream_4xx(exc) from None
+                upstream.breaker.record_failure(plan.model.id)
+                log.warning(
+                    "upstream %s failed for %s: %s",
+                    plan.model.id,
+                    plan.request_id,
+                    type(exc).__name__,
+                )
+            else:
+                upstream.breaker.record_success(plan.model.id)
+                return plan, response, started
+        else:
+            await in_thread(gateway.void)(plan)
+        attempt += 1
+        plan = await _next_plan(plan, key, original, user_key, tried, attempt)
+        if plan is None:
+            raise UpstreamUnavailable(
+                "no model answered: the upstream failed and no fallback was available"
+            )
+
+
+def _usage_tokens(usage: Any) -> tuple[int, int] | None:
+    if usage is None:
+        return None
+    return int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0)
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True)
+
+
+@csrf_exempt
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    request_id = f"gw-{uuid.uuid4().hex}"
+    if request.method != "POST":
+        return error_response("method_not_allowed", "use POST", 405, request_id)
+    try:
+        key = await in_thread(gateway.authenticate)(bearer_key(request))
+        original = gateway.validate_chat_request(read_json(request))
+        user_key = request.headers.get("X-End-User", "").strip()
+        plan = await in_thread(gateway.plan_call)(
+            key, original, request_id=request_id, user_key=user_key
+        )
+        plan, response, started = await _open_upstream(
+            plan, key, original, user_key, stream=bool(original.get("stream"))
+        )
+    except GovernanceError as exc:
+        log.info("refused %s: %s", request_id, exc.code)
+        return governance_error(exc, request_id)
+    except UpstreamError as exc:
+        reply = JsonResponse(exc.body, status=exc.status, safe=False)
+        reply["X-Request-Id"] = request_id
+        return reply
+    if original.get("stream"):
+        return _streaming_response(plan, response, started)
+    latency_ms = int((time.monotonic() - started) * 1000)
+    tokens = _usage_tokens(response.usage)
+    estimated = tokens is None
+    if tokens is None:
+        tokens = (plan.input_bound, plan.max_tokens)
+    entry = await in_thread(gateway.capture)(
+        plan,
+        prompt_tokens=tokens[0],
+        completion_tokens=tokens[1],
+        usage_estimated=estimated,
+        latency_ms=latency_ms,
+    )
+    reply = JsonResponse(_dump(response))
+    for name, value in gateway.governance_headers(plan, entry.cost_nanos).items():
+        reply[name] = value
+    return reply
+
+
+def _streaming_response(plan: gateway.CallPlan, stream, started: float) -> StreamingHttpResponse:
+    async def events():
+        seen_bytes = 0
+        usage = None
+        complete = False
+        try:
+            async for event in stream:
+                chunk = event.data
+                for choice in chunk.choices or []:
+                    content = getattr(choice.delta, "content", None)
+                    if isinstance(content, str):
+                        seen_bytes += len(content.encode())
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                yield f"data: {json.dumps(_dump(chunk))}\n\n".encode()
+            complete = True
+            yield b"data: [DONE]\n\n"
+        except (MistralError, httpx2.TransportError) as exc:
+            log.warning("upstream stream %s broke: %s", plan.request_id, type(exc).__name__)
+            error = {
+                "object": "error",
+                "message": "the upstream stream was interrupted",
+                "code": "upstream_unavailable",
+            }
+            yield f"data: {json.dumps(error)}\n\n".encode()
+        finally:
+            # Runs on completion, on an upstream cut and when the agent disconnects (the
+            # task is cancelled): stop reading upstream and charge what was used.
+            await asyncio.shield(_settle(plan, stream, usage, seen_bytes, complete, started))
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    for name, value in gateway.governance_headers(plan).items():
+        response[name] = value
+    return response
+
+
+async def _settle(plan, stream, usage, seen_bytes: int, complete: bool, started: float) -> None:
+    try:
+        await stream.close()
+    except Exception:  # closing a broken stream must not stop the capture
+        log.debug("closing upstream stream %s failed", plan.request_id, exc_info=True)
+    tokens = _usage_tokens(usage) if complete else None
+    estimated = tokens is None
+    if tokens is None:
+        # No usage from upstream: the whole prompt bound, and every byte of content seen
+        # as a token (a token is at least a byte), never more than max_tokens.
+        tokens = (plan.input_bound, min(seen_bytes, plan.max_tokens))
+    await in_thread(gateway.capture)(
+        plan,
+        prompt_tokens=tokens[0],
+        completion_tokens=tokens[1],
+        usage_estimated=estimated,
+        latency_ms=int((time.monotonic() - started) * 1000),
+    )
+
+
+async def list_models(request: HttpRequest) -> HttpResponse:
+    request_id = f"gw-{uuid.uuid4().hex}"
+    try:
+        await in_thread(gateway.authenticate)(bearer_key(request))
+    except GovernanceError as exc:
+        return governance_error(exc, request_id)
+    catalog = get_catalog()
+    data = [
+        {
+            "id": spec.id,
+            "object": "model",
+            "owned_by": "mistralai",
+            "aliases": list(spec.aliases),
+            "max_context_length": spec.context_window,
+            "max_output_tokens": spec.max_output_tokens,
+            "capabilities": sorted(spec.capabilities),
+            "pricing": {
+                "input_usd_per_million": str(spec.input_usd_per_million),
+                "output_usd_per_million": str(spec.output_usd_per_million),
+                "source": spec.price_source,
+                "as_of": str(spec.price_date),
+            },
+        }
+        for spec in catalog.models.values()
+    ]
+    response = JsonResponse({"object": "list", "data": data})
+    response["X-Request-Id"] = request_id
+    return response
