@@ -243,3 +243,24 @@ if CIRCUIT_BREAKER_COOLDOWN_SECONDS < 0 or KEY_CACHE_SECONDS < 0:
     raise ImproperlyConfigured(
         "CIRCUIT_BREAKER_COOLDOWN_SECONDS and KEY_CACHE_SECONDS cannot be negative"
     )
+
+# --- Stripe -------------------------------------------------------------------------
+# Stripe features are off until keys are set.
+STRIPE_SECRET_KEY = env.str("STRIPE_SECRET_KEY", default="").strip()
+STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="").strip()
+# Seconds a webhook's signature timestamp may be old (Stripe's default tolerance).
+STRIPE_WEBHOOK_TOLERANCE_SECONDS = _setting("STRIPE_WEBHOOK_TOLERANCE_SECONDS", env.int, 300)
+# The Billing meter's event name usage is reported under; empty: no usage export.
+STRIPE_METER_EVENT_NAME = env.str("STRIPE_METER_EVENT_NAME", default="").strip()
+# What one meter unit is: micro_usd (1e-6 USD), milli_usd, cents, or tokens.
+STRIPE_METER_UNIT = env.str("STRIPE_METER_UNIT", default="").strip() or "micro_usd"
+# Hours after a failed payment before the tenant is suspended.
+PAYMENT_FAILED_GRACE_HOURS = _setting("PAYMENT_FAILED_GRACE_HOURS", env.int, 72)
+# Stripe's API base address (tests point it at a mock).
+STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="").strip() or "https://api.stripe.com"
+if STRIPE_METER_UNIT not in ("micro_usd", "milli_usd", "cents", "tokens"):
+    raise ImproperlyConfigured("STRIPE_METER_UNIT: use micro_usd, milli_usd, cents or tokens")
+if STRIPE_WEBHOOK_TOLERANCE_SECONDS <= 0 or PAYMENT_FAILED_GRACE_HOURS < 0:
+    raise ImproperlyConfigured(
+        "STRIPE_WEBHOOK_TOLERANCE_SECONDS must be positive, PAYMENT_FAILED_GRACE_HOURS not negative"
+    )
