@@ -70,7 +70,8 @@ def _entry_json(entry: SpendEntry) -> dict[str, Any]:
     }
 
 
-def _authorize(raw_key: str, body: dict[str, Any]) -> dict[str, Any]:
+def _authorize(raw_key: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The hold as JSON, and whether this call created it."""
     key = gateway.authenticate(raw_key)
     request_id = body.get("request_id")
     if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
@@ -81,11 +82,11 @@ def _authorize(raw_key: str, body: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest("'user' must be a string")
     existing = Hold.objects.filter(request_id=request_id, tenant=key.agent.tenant).first()
     if existing is not None:
-        return _hold_json(existing)
+        return _hold_json(existing), False
     plan = gateway.plan_call(
         key, body, request_id=request_id, user_key=user_key.strip(), input_tokens=input_tokens
     )
-    return _hold_json(plan.hold, plan)
+    return _hold_json(plan.hold, plan), True
 
 
 def _own_hold(raw_key: str, request_id: str) -> Hold:
@@ -142,10 +143,10 @@ async def authorize(request: HttpRequest) -> HttpResponse:
     try:
         raw_key = bearer_key(request)
         body = gateway.validate_chat_request(read_json(request), messages_required=False)
-        result = await in_thread(_authorize)(raw_key, body)
+        result, created = await in_thread(_authorize)(raw_key, body)
     except GovernanceError as exc:
         return governance_error(exc, "")
-    return JsonResponse(result, status=201 if result["status"] == "held" else 200)
+    return JsonResponse(result, status=201 if created else 200)
 
 
 @csrf_exempt

@@ -257,7 +257,7 @@ def _streaming_response(plan: gateway.CallPlan, stream, started: float) -> Strea
     async def events():
         seen_bytes = 0
         usage = None
-        complete = False
+        settled = False
         try:
             async for event in stream:
                 chunk = event.data
@@ -268,10 +268,14 @@ def _streaming_response(plan: gateway.CallPlan, stream, started: float) -> Strea
                 if chunk.usage is not None:
                     usage = chunk.usage
                 yield f"data: {json.dumps(_dump(chunk))}\n\n".encode()
-            complete = True
+            # Charge before [DONE], so an agent that saw the end sees its ledger row.
+            settled = True
+            await asyncio.shield(_settle(plan, stream, usage, seen_bytes, started))
             yield b"data: [DONE]\n\n"
         except (MistralError, httpx2.TransportError) as exc:
             log.warning("upstream stream %s broke: %s", plan.request_id, type(exc).__name__)
+            settled = True
+            await asyncio.shield(_settle(plan, stream, None, seen_bytes, started))
             error = {
                 "object": "error",
                 "message": "the upstream stream was interrupted",
@@ -279,9 +283,10 @@ def _streaming_response(plan: gateway.CallPlan, stream, started: float) -> Strea
             }
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
-            # Runs on completion, on an upstream cut and when the agent disconnects (the
-            # task is cancelled): stop reading upstream and charge what was used.
-            await asyncio.shield(_settle(plan, stream, usage, seen_bytes, complete, started))
+            if not settled:
+                # The agent went away (the task is cancelled) or the generator was
+                # closed early: stop reading upstream and charge what was used.
+                await asyncio.shield(_settle(plan, stream, None, seen_bytes, started))
 
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
@@ -291,12 +296,12 @@ def _streaming_response(plan: gateway.CallPlan, stream, started: float) -> Strea
     return response
 
 
-async def _settle(plan, stream, usage, seen_bytes: int, complete: bool, started: float) -> None:
+async def _settle(plan, stream, usage, seen_bytes: int, started: float) -> None:
     try:
         await stream.close()
     except Exception:  # closing a broken stream must not stop the capture
         log.debug("closing upstream stream %s failed", plan.request_id, exc_info=True)
-    tokens = _usage_tokens(usage) if complete else None
+    tokens = _usage_tokens(usage)
     estimated = tokens is None
     if tokens is None:
         # No usage from upstream: the whole prompt bound, and every byte of content seen

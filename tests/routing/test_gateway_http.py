@@ -1,0 +1,362 @@
+"""The gateway over real HTTP: agents built on the official mistralai and openai SDKs,
+a live ASGI server, and the Mistral simulator as upstream."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2
+import openai
+import pytest
+from mistralai.client import Mistral
+from mistralai.client.errors import SDKError
+
+from budgets import services
+from budgets.models import BudgetPeriod, Hold, HoldStatus, ScopeType
+from budgets.money import nanos_to_usd, usd_to_nanos
+from routing.catalog import get_catalog
+from spend.models import SpendEntry
+
+MESSAGES = [{"role": "user", "content": "Summarise the invoice from Acme for March."}]
+
+
+def mistral(url, key, **options):
+    return Mistral(api_key=key, server_url=url, **options)
+
+
+def upstream_requests(sim_url):
+    return httpx2.get(f"{sim_url}/_sim/requests").json()["data"]
+
+
+def assert_charged_exactly(entry: SpendEntry, model_id: str):
+    prices = get_catalog().resolve(model_id).prices
+    assert entry.model_used == model_id
+    assert entry.cost_nanos == prices.cost_nanos(entry.prompt_tokens, entry.completion_tokens)
+    assert not entry.usage_estimated
+
+
+def test_a_plain_call_with_the_mistral_sdk_is_charged_exactly(
+    gateway_url, simulator, acme, acme_key
+):
+    simulator()
+    response = mistral(gateway_url, acme_key).chat.complete(
+        model="mistral-small-latest", messages=MESSAGES, max_tokens=200
+    )
+    entry = SpendEntry.objects.get()
+    assert response.usage.prompt_tokens == entry.prompt_tokens
+    assert response.usage.completion_tokens == entry.completion_tokens
+    assert response.choices[0].message.content
+    assert_charged_exactly(entry, "mistral-small")
+    period = BudgetPeriod.objects.get(policy__tenant=acme)
+    assert (period.spent_nanos, period.held_nanos) == (entry.cost_nanos, 0)
+
+
+def test_a_streaming_call_with_the_mistral_sdk_is_charged_exactly(gateway_url, simulator, acme_key):
+    simulator()
+    chunks = list(
+        mistral(gateway_url, acme_key).chat.stream(
+            model="mistral-small-latest", messages=MESSAGES, max_tokens=300
+        )
+    )
+    usage = chunks[-1].data.usage
+    assert usage is not None
+    text = "".join(c.data.choices[0].delta.content or "" for c in chunks if c.data.choices)
+    assert text
+    entry = SpendEntry.objects.get()
+    assert (entry.prompt_tokens, entry.completion_tokens) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    assert_charged_exactly(entry, "mistral-small")
+    assert not Hold.objects.filter(status=HoldStatus.HELD).exists()
+
+
+def test_the_openai_sdk_works_plain_and_streaming(gateway_url, simulator, acme_key):
+    simulator()
+    client = openai.OpenAI(api_key=acme_key, base_url=f"{gateway_url}/v1", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="ministral-8b-latest", messages=MESSAGES, max_tokens=50
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    assert raw.headers["X-Governance-Model"] == "ministral-8b"
+    assert raw.headers["X-Budget-State"] == "active"
+    assert raw.headers["X-Request-Id"].startswith("gw-")
+    stream = client.chat.completions.create(
+        model="ministral-8b-latest", messages=MESSAGES, max_tokens=50, stream=True
+    )
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices]
+    assert "".join(p for p in pieces if p)
+    assert SpendEntry.objects.count() == 2
+    for entry in SpendEntry.objects.all():
+        assert_charged_exactly(entry, "ministral-8b")
+
+
+def test_every_response_says_what_governance_did(gateway_url, simulator, acme, acme_key):
+    simulator()
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("5"))
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": 20},
+    )
+    assert response.status_code == 200
+    entry = SpendEntry.objects.get()
+    assert response.headers["X-Request-Id"] == entry.request_id
+    assert response.headers["X-Governance-Model"] == "mistral-small"
+    assert response.headers["X-Budget-State"] == "active"
+    assert response.headers["X-Budget-Remaining-Usd"] == nanos_to_usd(
+        usd_to_nanos("5") - entry.cost_nanos
+    )
+    assert "X-Governance-Downgraded-From" not in response.headers
+
+
+def test_the_soft_cap_downgrades_and_removes_disabled_tools(
+    gateway_url, simulator, acme, acme_key, spend
+):
+    sim = simulator()
+    services.set_policy(
+        acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("1"), disabled_tools=["web_search"]
+    )
+    spend(acme, usd_to_nanos("0.85"))
+    tools = [
+        {"type": "function", "function": {"name": "web_search", "parameters": {"type": "object"}}},
+        {
+            "type": "function",
+            "function": {"name": "lookup_invoice", "parameters": {"type": "object"}},
+        },
+    ]
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={
+            "model": "mistral-large-latest",
+            "messages": MESSAGES,
+            "tools": tools,
+            "max_tokens": 30,
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Governance-Model"] == "mistral-small"
+    assert response.headers["X-Governance-Downgraded-From"] == "mistral-large"
+    assert response.headers["X-Governance-Disabled-Tools"] == "web_search"
+    assert response.headers["X-Budget-State"] == "degraded"
+    sent = upstream_requests(sim)[-1]["body"]
+    assert sent["model"] == "mistral-small-latest"
+    assert [t["function"]["name"] for t in sent["tools"]] == ["lookup_invoice"]
+    assert SpendEntry.objects.exclude(request_id="earlier-call").get().model_used == "mistral-small"
+
+
+def test_max_tokens_is_clamped_to_what_the_budget_can_pay(gateway_url, simulator, acme, acme_key):
+    sim = simulator()
+    services.set_policy(
+        acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("0.001"), warn_at="1", soft_cap="1"
+    )
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": 100_000},
+    )
+    assert response.status_code == 200, response.text
+    sent = upstream_requests(sim)[-1]["body"]
+    hold = Hold.objects.get()
+    assert sent["max_tokens"] == hold.max_output_tokens < 100_000
+    period = BudgetPeriod.objects.get(policy__tenant=acme)
+    assert period.spent_nanos <= period.hard_nanos
+
+
+def test_the_hard_cap_refuses_with_when_it_resets(gateway_url, simulator, acme, acme_key, spend):
+    simulator()
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("1"))
+    spend(acme, usd_to_nanos("1"))
+    with pytest.raises(SDKError) as refused:
+        mistral(gateway_url, acme_key).chat.complete(
+            model="mistral-small-latest", messages=MESSAGES
+        )
+    assert refused.value.status_code == 402
+    body = json.loads(refused.value.body)
+    assert body["code"] == "budget_exceeded"
+    assert body["details"]["scope_type"] == "tenant"
+    assert body["details"]["limit_usd"] == "1"
+    assert body["details"]["spent_usd"] == "1"
+    assert body["details"]["resets_at"].endswith("+00:00")
+    assert SpendEntry.objects.count() == 1  # only the earlier call
+
+
+def test_an_upstream_500_falls_back_to_the_next_model(gateway_url, simulator, acme_key):
+    simulator(fail_models={"mistral-large-latest": 500})
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={"model": "mistral-large-latest", "messages": MESSAGES, "max_tokens": 20},
+    )
+    assert response.status_code == 200, response.text
+    fallback = get_catalog().fallbacks("mistral-large")[0].id
+    assert response.headers["X-Governance-Model"] == fallback
+    entry = SpendEntry.objects.get()
+    assert_charged_exactly(entry, fallback)
+    statuses = sorted(Hold.objects.values_list("status", flat=True))
+    assert statuses == ["captured", "voided"]
+
+
+def test_an_upstream_timeout_answers_502_and_charges_nothing(
+    gateway_url, simulator, settings, acme, acme_key
+):
+    settings.MISTRAL_TIMEOUT_MS = 300
+    simulator(latency_ms=2000)
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={"model": "ministral-3b-latest", "messages": MESSAGES, "max_tokens": 20},
+        timeout=30,
+    )
+    assert response.status_code == 502
+    assert response.json()["code"] == "upstream_unavailable"
+    assert not SpendEntry.objects.exists()
+    assert set(Hold.objects.values_list("status", flat=True)) == {"voided"}
+    assert BudgetPeriod.objects.get(policy__tenant=acme).held_nanos == 0
+
+
+def test_an_upstream_4xx_is_passed_through_and_charges_nothing(gateway_url, simulator, acme_key):
+    simulator(fail_models={"mistral-small-latest": 422})
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": 20},
+    )
+    assert response.status_code == 422
+    assert not SpendEntry.objects.exists()
+    assert set(Hold.objects.values_list("status", flat=True)) == {"voided"}
+
+
+def test_unknown_request_fields_reach_the_upstream_unchanged(gateway_url, simulator, acme_key):
+    sim = simulator()
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={
+            "model": "mistral-small-latest",
+            "messages": MESSAGES,
+            "max_tokens": 20,
+            "temperature": 0.3,
+            "experimental_feature": {"level": 2},
+        },
+    )
+    assert response.status_code == 200, response.text
+    sent = upstream_requests(sim)[-1]["body"]
+    assert sent["experimental_feature"] == {"level": 2}
+    assert sent["temperature"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "code"),
+    [
+        ({}, {"model": "mistral-small-latest", "messages": MESSAGES}, 401, "invalid_api_key"),
+        (
+            {"Authorization": "Bearer sgk_nope_nope"},
+            {"model": "m", "messages": MESSAGES},
+            401,
+            "invalid_api_key",
+        ),
+        (
+            {"Authorization": "Basic abc"},
+            {"model": "m", "messages": MESSAGES},
+            401,
+            "invalid_api_key",
+        ),
+        (None, b"{not json", 400, "invalid_request"),
+        (None, {"model": "gpt-4o", "messages": MESSAGES}, 400, "unknown_model"),
+        (None, {"model": "mistral-small-latest"}, 400, "invalid_request"),
+        (
+            None,
+            {"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": -5},
+            400,
+            "invalid_request",
+        ),
+    ],
+)
+def test_bad_requests_get_clear_errors(
+    gateway_url, simulator, acme_key, headers, body, status, code
+):
+    simulator()
+    headers = {"Authorization": f"Bearer {acme_key}"} if headers is None else headers
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={**headers, "Content-Type": "application/json"},
+        content=content,
+    )
+    assert response.status_code == status
+    assert response.json()["code"] == code
+    assert response.json()["message"]
+    assert not Hold.objects.exists()
+
+
+def test_an_unknown_model_lists_the_allowed_ones(gateway_url, simulator, acme_key):
+    simulator()
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={"model": "gpt-4o", "messages": MESSAGES},
+    )
+    assert "mistral-small-latest" in response.json()["details"]["allowed"]
+    assert "mistral-small-latest" in response.json()["message"]
+
+
+def test_an_oversized_body_is_refused_with_413(gateway_url, simulator, settings, acme_key):
+    simulator()
+    settings.GATEWAY_MAX_BODY_BYTES = 10_000
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={
+            "model": "mistral-small-latest",
+            "messages": [{"role": "user", "content": "x" * 20_000}],
+        },
+    )
+    assert response.status_code == 413
+    assert response.json()["code"] == "request_too_large"
+
+
+def test_a_wrong_content_type_is_refused(gateway_url, simulator, acme_key):
+    simulator()
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}", "Content-Type": "text/plain"},
+        content=b"hello",
+    )
+    assert response.status_code == 400
+    assert "application/json" in response.json()["message"]
+
+
+def test_models_lists_prices(gateway_url, acme_key):
+    response = httpx2.get(
+        f"{gateway_url}/v1/models", headers={"Authorization": f"Bearer {acme_key}"}
+    )
+    assert response.status_code == 200
+    small = next(m for m in response.json()["data"] if m["id"] == "mistral-small")
+    assert small["pricing"]["input_usd_per_million"] == "0.15"
+    assert "mistral-small-latest" in small["aliases"]
+    assert httpx2.get(f"{gateway_url}/v1/models").status_code == 401
+
+
+def test_a_suspended_tenant_and_a_paused_agent_are_refused(
+    gateway_url, simulator, acme, invoice_bot, acme_key
+):
+    simulator()
+    services.set_agent_paused(invoice_bot, True, reason="runaway")
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={"model": "mistral-small-latest", "messages": MESSAGES},
+    )
+    assert (response.status_code, response.json()["code"]) == (403, "agent_paused")
+    services.set_agent_paused(invoice_bot, False)
+    acme.status = "suspended"
+    acme.save()
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={"model": "mistral-small-latest", "messages": MESSAGES},
+    )
+    assert (response.status_code, response.json()["code"]) == (403, "subscription_inactive")

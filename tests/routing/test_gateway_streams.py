@@ -1,0 +1,83 @@
+"""Streams that do not end well: the upstream cuts, forgets usage, or the agent leaves.
+Every path ends with the hold captured (a conservative partial charge), never open."""
+
+from __future__ import annotations
+
+import time
+
+import httpx2
+
+from budgets.models import BudgetPeriod, Hold, HoldStatus
+from spend.models import SpendEntry
+
+MESSAGES = [{"role": "user", "content": "Write a long churn analysis."}]
+
+
+def stream(gateway_url, key, **body):
+    return httpx2.stream(
+        "POST",
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "mistral-small-latest", "messages": MESSAGES, "stream": True, **body},
+        timeout=30,
+    )
+
+
+def wait_for_entry(seconds=10) -> SpendEntry:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        entry = SpendEntry.objects.first()
+        if entry is not None:
+            return entry
+        time.sleep(0.05)
+    raise AssertionError("the call was never charged")
+
+
+def test_a_cut_stream_is_charged_for_what_was_seen_and_leaves_no_hold(
+    gateway_url, simulator, acme, acme_key
+):
+    simulator(cut_after=5)
+    with stream(gateway_url, acme_key, max_tokens=500) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert "[DONE]" not in "".join(lines)
+    assert "upstream_unavailable" in lines[-1]
+    entry = wait_for_entry()
+    hold = Hold.objects.get()
+    assert entry.usage_estimated
+    assert entry.prompt_tokens == hold.input_tokens
+    assert 5 <= entry.completion_tokens <= 500
+    assert hold.status == HoldStatus.CAPTURED
+    period = BudgetPeriod.objects.get(policy__tenant=acme)
+    assert (period.held_nanos, period.spent_nanos) == (0, entry.cost_nanos)
+
+
+def test_a_stream_without_usage_is_charged_conservatively(gateway_url, simulator, acme_key):
+    simulator(no_usage=True)
+    with stream(gateway_url, acme_key, max_tokens=500) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    entry = wait_for_entry()
+    assert entry.usage_estimated
+    words = sum(1 for line in lines if '"content": "' in line and '"content": ""' not in line)
+    # At least one token per word seen, never more than max_tokens.
+    assert words <= entry.completion_tokens <= 500
+    assert entry.prompt_tokens == Hold.objects.get().input_tokens
+
+
+def test_an_agent_that_disconnects_is_charged_for_what_it_received(
+    gateway_url, simulator, acme, acme_key
+):
+    simulator(token_latency_ms=50)
+    with stream(gateway_url, acme_key, max_tokens=1000) as response:
+        received = []
+        for line in response.iter_lines():
+            if line:
+                received.append(line)
+            if len(received) >= 4:
+                break
+    entry = wait_for_entry()
+    assert entry.usage_estimated
+    assert entry.completion_tokens < 1000
+    assert Hold.objects.get().status == HoldStatus.CAPTURED
+    assert BudgetPeriod.objects.get(policy__tenant=acme).held_nanos == 0
