@@ -153,7 +153,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", _setting("DB_CONN_MAX_AGE", env.int, 60))
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # No per-request "SELECT 1": a connection that failed is dropped after the failing
+    # call instead (routing.views.in_thread, Django's request signals).
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Cache and Celery ---------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import httpx2
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from mistralai.client.errors import MistralError
@@ -31,9 +32,21 @@ log = logging.getLogger("governance.gateway")
 
 
 def in_thread(function):
-    # thread_sensitive=False: engine calls from concurrent requests run in parallel
-    # threads instead of queueing on Django's single sync thread.
-    return sync_to_async(function, thread_sensitive=False)
+    """Run a database function in a worker thread.
+
+    thread_sensitive=False: engine calls from concurrent requests run in parallel threads
+    instead of queueing on Django's single sync thread. Those threads never see Django's
+    request signals, so they tidy their own connections: close_old_connections() drops a
+    broken connection and applies CONN_MAX_AGE, as it would at the end of a request.
+    """
+
+    def run(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return sync_to_async(run, thread_sensitive=False)
 
 
 class RequestTooLarge(GovernanceError):
