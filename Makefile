@@ -30,9 +30,11 @@ run: migrate
 	$(BIN)/python manage.py seed_demo
 	@echo
 	@echo "Spend Governance on http://$(HOST):$(PORT)/"
-	@echo "  admin:   http://$(HOST):$(PORT)/admin/"
+	@echo "  admin:    http://$(HOST):$(PORT)/admin/"
+	@echo "  gateway:  http://$(HOST):$(PORT)/v1/chat/completions (Mistral-compatible)"
+	@echo "  a key:    $(BIN)/python manage.py create_agent_key --tenant cus_demo --agent invoice-bot"
 	@echo
-	$(BIN)/uvicorn governance.asgi:application --host $(HOST) --port $(PORT)
+	$(BIN)/python manage.py serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python manage.py makemigrations --check --dry-run

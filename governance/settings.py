@@ -91,6 +91,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "django_celery_beat",
+    "governance",
     "budgets",
     "spend",
     "routing",
@@ -225,8 +226,14 @@ if MIN_OUTPUT_TOKENS <= 0:
 MODEL_CATALOG_PATH = Path(
     env.str("MODEL_CATALOG_PATH", default="").strip() or BASE_DIR / "routing" / "catalog.yaml"
 )
-MISTRAL_SERVER_URL = env.str("MISTRAL_SERVER_URL", default="").strip() or "https://api.mistral.ai"
 MISTRAL_API_KEY = env.str("MISTRAL_API_KEY", default="").strip()
+# Without a key the embedded default calls the local simulator (`make run` starts it),
+# and the health endpoint and console say so.
+SIMULATOR_PORT = _setting("SIMULATOR_PORT", env.int, 8900)
+UPSTREAM_SIMULATED = MISTRAL_API_KEY == ""
+MISTRAL_SERVER_URL = env.str("MISTRAL_SERVER_URL", default="").strip() or (
+    f"http://127.0.0.1:{SIMULATOR_PORT}" if UPSTREAM_SIMULATED else "https://api.mistral.ai"
+)
 # Upstream timeout for one call, in milliseconds (streams: between chunks and overall).
 MISTRAL_TIMEOUT_MS = _setting("MISTRAL_TIMEOUT_MS", env.int, 60_000)
 # Consecutive upstream failures of a model that open its circuit, and for how long.

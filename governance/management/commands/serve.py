@@ -1,0 +1,86 @@
+"""Serve the service: uvicorn (ASGI) and, without MISTRAL_API_KEY, the local Mistral
+simulator as its upstream. Child processes are stopped when this command stops."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from urllib.error import URLError
+from urllib.request import urlopen
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+
+class Command(BaseCommand):
+    help = "Serve the gateway, API and console (and the Mistral simulator when no key is set)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+
+    def handle(self, *args, host, port, workers, **options):
+        if not 0 < port < 65536:
+            raise CommandError(f"--port {port}: use a port between 1 and 65535")
+        children: list[subprocess.Popen] = []
+        # A process manager stops us with SIGTERM: turn it into the same clean stop as ^C,
+        # so the children are stopped too instead of being orphaned.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            if settings.UPSTREAM_SIMULATED:
+                children.append(self._start_simulator())
+            else:
+                self.stdout.write(f"Upstream: Mistral at {settings.MISTRAL_SERVER_URL}")
+            server = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+                [
+                    sys.executable, "-m", "uvicorn", "governance.asgi:application",
+                    "--host", host, "--port", str(port), "--workers", str(workers),
+                    "--no-server-header", "--timeout-graceful-shutdown", "5",
+                ]
+            )  # fmt: skip
+            children.append(server)
+            server.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for child in reversed(children):
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            for child in children:
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+
+    def _start_simulator(self) -> subprocess.Popen:
+        port = settings.SIMULATOR_PORT
+        self.stdout.write(
+            f"MISTRAL_API_KEY is not set: LLM calls go to the local Mistral SIMULATOR on "
+            f"127.0.0.1:{port} (deterministic text, no real model)."
+        )
+        simulator = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+            [
+                sys.executable, "manage.py", "simulate_mistral", "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "warning",
+            ]
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if simulator.poll() is not None:
+                raise CommandError(
+                    f"the Mistral simulator did not start (port {port} taken? set SIMULATOR_PORT)"
+                )
+            try:
+                urlopen(f"http://127.0.0.1:{port}/_sim/requests", timeout=1).close()
+                return simulator
+            except (URLError, OSError):
+                time.sleep(0.2)
+        simulator.terminate()
+        raise CommandError("the Mistral simulator did not answer within 20 seconds")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

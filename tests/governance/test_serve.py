@@ -1,0 +1,78 @@
+"""`manage.py serve` (what `make run` runs): the service and, without a Mistral key, the
+simulator; a SIGTERM stops both."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, seconds: float = 30) -> httpx2.Response:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            return httpx2.get(url, timeout=1)
+        except httpx2.TransportError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} never answered")
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_serve_runs_the_simulator_and_stops_everything_on_sigterm(tmp_path):
+    port, sim_port = free_port(), free_port()
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("MISTRAL_API_KEY", "MISTRAL_SERVER_URL")
+        },
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}",
+        "SIMULATOR_PORT": str(sim_port),
+    }
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True, timeout=120
+    )
+    serve = subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    children: list[int] = []
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}/admin/login/").status_code == 200
+        assert wait_until_up(f"http://127.0.0.1:{sim_port}/_sim/requests").status_code == 200
+        children = children_of(serve.pid)
+        assert len(children) == 2
+        serve.send_signal(signal.SIGTERM)
+        output, _ = serve.communicate(timeout=30)
+        assert "SIMULATOR" in output
+        for child in children:
+            assert (
+                not Path(f"/proc/{child}").exists()
+                or "zombie" in Path(f"/proc/{child}/status").read_text()
+            )
+    finally:
+        for pid in [*children, serve.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
