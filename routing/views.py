@@ -227,6 +227,17 @@ def _dump(model: Any) -> dict[str, Any]:
 @csrf_exempt
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     request_id = f"gw-{uuid.uuid4().hex}"
+    try:
+        return await _chat_completions(request, request_id)
+    except Exception:
+        # Agents parse JSON errors; an unexpected failure (the database went away, a bug)
+        # is still answered in the upstream's shape, with the id to find it in the logs.
+        # A hold it left behind is released by expire_holds.
+        log.exception("gateway call %s failed", request_id)
+        return error_response("internal_error", "the gateway failed; try again", 500, request_id)
+
+
+async def _chat_completions(request: HttpRequest, request_id: str) -> HttpResponse:
     if request.method != "POST":
         return error_response("method_not_allowed", "use POST", 405, request_id)
     try:

@@ -360,3 +360,20 @@ def test_a_suspended_tenant_and_a_paused_agent_are_refused(
         json={"model": "mistral-small-latest", "messages": MESSAGES},
     )
     assert (response.status_code, response.json()["code"]) == (403, "subscription_inactive")
+
+
+def test_an_unexpected_failure_is_answered_in_json(gateway_url, simulator, acme_key, monkeypatch):
+    simulator()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr("routing.gateway.plan_call", broken)
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={"model": "mistral-small-latest", "messages": MESSAGES},
+    )
+    assert response.status_code == 500
+    assert response.json()["code"] == "internal_error"
+    assert response.headers["X-Request-Id"].startswith("gw-")

@@ -1,0 +1,218 @@
+"""Governance overhead and throughput of the gateway, measured with wrk.
+
+    .venv/bin/python bench/gateway.py                        # SQLite (a fresh file)
+    .venv/bin/python bench/gateway.py --database-url postgres://postgres@127.0.0.1:5432/sg_bench
+
+Needs `wrk` (Debian: apt-get install wrk). Starts its own Mistral simulator(s) and
+gateway on loopback, creates a tenant and key, then measures:
+
+1. overhead at 1 client: the same request straight to the simulator and through the
+   gateway, p50/p99 of each, overhead = gateway - direct;
+2. governed calls per second at 50 concurrent clients;
+3. 1,000 concurrent streaming calls held open against a slow upstream: errors must be 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+BODY = {
+    "model": "ministral-3b-latest",
+    "messages": [{"role": "user", "content": "Classify this support ticket: my invoice is wrong."}],
+    "max_tokens": 40,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError as exc:
+            if getattr(exc, "code", None):  # an HTTP error status means it is up
+                return
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not come up")
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], ready_url: str):
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(ready_url)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def simulator(env, port: int, *extra: str):
+    args = [
+        PYTHON,
+        "manage.py",
+        "simulate_mistral",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+    return process(args, env, f"http://127.0.0.1:{port}/_sim/requests")
+
+
+def gateway(env, port: int, workers: int):
+    args = [
+        PYTHON, "-m", "uvicorn", "governance.asgi:application", "--port", str(port),
+        "--workers", str(workers), "--log-level", "warning", "--no-access-log", "--backlog", "4096",
+    ]  # fmt: skip
+    return process(args, env, f"http://127.0.0.1:{port}/v1/models")
+
+
+def manage(env, *args: str) -> str:
+    return subprocess.run(
+        [PYTHON, "manage.py", *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def wrk(url: str, key: str, *, threads: int, connections: int, seconds: int, body=BODY) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            'wrk.method = "POST"\n'
+            f"wrk.body = {json.dumps(json.dumps(body))}\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        )
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "30s",
+         "--latency", "-s", script.name, url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    os.unlink(script.name)
+    return parse_wrk(out)
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def parse_wrk(out: str) -> dict:
+    result = {"raw": out}
+    for pct in ("50", "99"):
+        match = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        result[f"p{pct}_ms"] = _ms(match.group(1)) if match else None
+    result["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    result["requests"] = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["non_2xx"] = int(non2xx.group(1)) if non2xx else 0
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    result["socket_errors"] = sum(map(int, errors.groups())) if errors else 0
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--database-url", default="", help="default: a fresh SQLite file")
+    parser.add_argument("--seconds", type=int, default=15, help="length of each wrk run")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="uvicorn workers for the throughput run"
+    )
+    parser.add_argument("--streams", type=int, default=1000, help="0: skip the streaming run")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="sg-bench-"))
+    database_url = args.database_url or f"sqlite:///{workdir / 'bench.sqlite3'}"
+    sim_port, slow_port, gw_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "MISTRAL_API_KEY": "bench",
+        "MISTRAL_SERVER_URL": f"http://127.0.0.1:{sim_port}",
+        "DEFAULT_DAILY_BUDGET": "1000000",
+        "LOG_LEVEL": "WARNING",
+    }
+    manage(env, "migrate", "-v0")
+    customer = f"cus_bench{int(time.time())}"
+    manage(env, "create_tenant", "--name", "Bench", "--stripe-customer", customer)
+    key = (
+        manage(env, "create_agent_key", "--tenant", customer, "--agent", "bench-bot")
+        .strip()
+        .splitlines()[-1]
+    )
+    engine = "PostgreSQL" if database_url.startswith("postgres") else "SQLite"
+    results: dict[str, object] = {"database": engine, "cpus": os.cpu_count()}
+
+    with simulator(env, sim_port):
+        with gateway(env, gw_port, workers=1):
+            url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
+            direct_url = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
+            wrk(url, key, threads=1, connections=1, seconds=3)  # warm up
+            direct = wrk(direct_url, key, threads=1, connections=1, seconds=args.seconds)
+            governed = wrk(url, key, threads=1, connections=1, seconds=args.seconds)
+            results["direct_p50_ms"], results["direct_p99_ms"] = direct["p50_ms"], direct["p99_ms"]
+            results["gateway_p50_ms"], results["gateway_p99_ms"] = (
+                governed["p50_ms"],
+                governed["p99_ms"],
+            )
+            results["overhead_p50_ms"] = round(governed["p50_ms"] - direct["p50_ms"], 3)
+            results["overhead_p99_ms"] = round(governed["p99_ms"] - direct["p99_ms"], 3)
+            results["one_client_errors"] = governed["non_2xx"] + governed["socket_errors"]
+        with gateway(env, gw_port, workers=args.workers):
+            load = wrk(url, key, threads=2, connections=50, seconds=args.seconds)
+            results["calls_per_second_50_clients"] = load["rps"]
+            results["load_errors"] = load["non_2xx"] + load["socket_errors"]
+
+    if not args.streams:
+        print(json.dumps(results, indent=2))
+        return
+    slow_env = {**env, "MISTRAL_SERVER_URL": f"http://127.0.0.1:{slow_port}"}
+    with (
+        simulator(slow_env, slow_port, "--token-latency-ms", "100"),
+        gateway(slow_env, gw_port, workers=args.workers),
+    ):
+        stream_body = {**BODY, "stream": True, "max_tokens": 30}
+        streams = wrk(
+            url,
+            key,
+            threads=2,
+            connections=args.streams,
+            seconds=args.seconds,
+            body=stream_body,
+        )
+        results["streams_open"] = args.streams
+        results["stream_calls_completed"] = streams["requests"]
+        results["stream_p50_ms"] = streams["p50_ms"]
+        results["stream_errors"] = streams["non_2xx"] + streams["socket_errors"]
+
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
