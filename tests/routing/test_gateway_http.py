@@ -24,6 +24,16 @@ def mistral(url, key, **options):
     return Mistral(api_key=key, server_url=url, **options)
 
 
+def chat(gateway_url, key, **body):
+    """POST a chat completion with the agent's key; body fields default to a small call."""
+    return httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "mistral-small-latest", "messages": MESSAGES, **body},
+        timeout=30,
+    )
+
+
 def upstream_requests(sim_url):
     return httpx2.get(f"{sim_url}/_sim/requests").json()["data"]
 
@@ -95,11 +105,7 @@ def test_the_openai_sdk_works_plain_and_streaming(gateway_url, simulator, acme_k
 def test_every_response_says_what_governance_did(gateway_url, simulator, acme, acme_key):
     simulator()
     services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("5"))
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": 20},
-    )
+    response = chat(gateway_url, acme_key, max_tokens=20)
     assert response.status_code == 200
     entry = SpendEntry.objects.get()
     assert response.headers["X-Request-Id"] == entry.request_id
@@ -126,16 +132,7 @@ def test_the_soft_cap_downgrades_and_removes_disabled_tools(
             "function": {"name": "lookup_invoice", "parameters": {"type": "object"}},
         },
     ]
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={
-            "model": "mistral-large-latest",
-            "messages": MESSAGES,
-            "tools": tools,
-            "max_tokens": 30,
-        },
-    )
+    response = chat(gateway_url, acme_key, model="mistral-large-latest", tools=tools, max_tokens=30)
     assert response.status_code == 200, response.text
     assert response.headers["X-Governance-Model"] == "mistral-small"
     assert response.headers["X-Governance-Downgraded-From"] == "mistral-large"
@@ -152,11 +149,7 @@ def test_max_tokens_is_clamped_to_what_the_budget_can_pay(gateway_url, simulator
     services.set_policy(
         acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("0.001"), warn_at="1", soft_cap="1"
     )
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": 100_000},
-    )
+    response = chat(gateway_url, acme_key, max_tokens=100_000)
     assert response.status_code == 200, response.text
     sent = upstream_requests(sim)[-1]["body"]
     hold = Hold.objects.get()
@@ -185,11 +178,7 @@ def test_the_hard_cap_refuses_with_when_it_resets(gateway_url, simulator, acme, 
 
 def test_an_upstream_500_falls_back_to_the_next_model(gateway_url, simulator, acme_key):
     simulator(fail_models={"mistral-large-latest": 500})
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={"model": "mistral-large-latest", "messages": MESSAGES, "max_tokens": 20},
-    )
+    response = chat(gateway_url, acme_key, model="mistral-large-latest", max_tokens=20)
     assert response.status_code == 200, response.text
     fallback = get_catalog().fallbacks("mistral-large")[0].id
     assert response.headers["X-Governance-Model"] == fallback
@@ -204,12 +193,7 @@ def test_an_upstream_timeout_answers_502_and_charges_nothing(
 ):
     settings.MISTRAL_TIMEOUT_MS = 300
     simulator(latency_ms=2000)
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={"model": "ministral-3b-latest", "messages": MESSAGES, "max_tokens": 20},
-        timeout=30,
-    )
+    response = chat(gateway_url, acme_key, model="ministral-3b-latest", max_tokens=20)
     assert response.status_code == 502
     assert response.json()["code"] == "upstream_unavailable"
     assert not SpendEntry.objects.exists()
@@ -219,11 +203,7 @@ def test_an_upstream_timeout_answers_502_and_charges_nothing(
 
 def test_an_upstream_4xx_is_passed_through_and_charges_nothing(gateway_url, simulator, acme_key):
     simulator(fail_models={"mistral-small-latest": 422})
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": 20},
-    )
+    response = chat(gateway_url, acme_key, max_tokens=20)
     assert response.status_code == 422
     assert not SpendEntry.objects.exists()
     assert set(Hold.objects.values_list("status", flat=True)) == {"voided"}
@@ -231,16 +211,8 @@ def test_an_upstream_4xx_is_passed_through_and_charges_nothing(gateway_url, simu
 
 def test_unknown_request_fields_reach_the_upstream_unchanged(gateway_url, simulator, acme_key):
     sim = simulator()
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={
-            "model": "mistral-small-latest",
-            "messages": MESSAGES,
-            "max_tokens": 20,
-            "temperature": 0.3,
-            "experimental_feature": {"level": 2},
-        },
+    response = chat(
+        gateway_url, acme_key, max_tokens=20, temperature=0.3, experimental_feature={"level": 2}
     )
     assert response.status_code == 200, response.text
     sent = upstream_requests(sim)[-1]["body"]
@@ -294,11 +266,7 @@ def test_bad_requests_get_clear_errors(
 
 def test_an_unknown_model_lists_the_allowed_ones(gateway_url, simulator, acme_key):
     simulator()
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={"model": "gpt-4o", "messages": MESSAGES},
-    )
+    response = chat(gateway_url, acme_key, model="gpt-4o")
     assert "mistral-small-latest" in response.json()["details"]["allowed"]
     assert "mistral-small-latest" in response.json()["message"]
 
@@ -306,14 +274,7 @@ def test_an_unknown_model_lists_the_allowed_ones(gateway_url, simulator, acme_ke
 def test_an_oversized_body_is_refused_with_413(gateway_url, simulator, settings, acme_key):
     simulator()
     settings.GATEWAY_MAX_BODY_BYTES = 10_000
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={
-            "model": "mistral-small-latest",
-            "messages": [{"role": "user", "content": "x" * 20_000}],
-        },
-    )
+    response = chat(gateway_url, acme_key, messages=[{"role": "user", "content": "x" * 20_000}])
     assert response.status_code == 413
     assert response.json()["code"] == "request_too_large"
 
@@ -345,20 +306,12 @@ def test_a_suspended_tenant_and_a_paused_agent_are_refused(
 ):
     simulator()
     services.set_agent_paused(invoice_bot, True, reason="runaway")
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={"model": "mistral-small-latest", "messages": MESSAGES},
-    )
+    response = chat(gateway_url, acme_key)
     assert (response.status_code, response.json()["code"]) == (403, "agent_paused")
     services.set_agent_paused(invoice_bot, False)
     acme.status = "suspended"
     acme.save()
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={"model": "mistral-small-latest", "messages": MESSAGES},
-    )
+    response = chat(gateway_url, acme_key)
     assert (response.status_code, response.json()["code"]) == (403, "subscription_inactive")
 
 
@@ -369,11 +322,7 @@ def test_an_unexpected_failure_is_answered_in_json(gateway_url, simulator, acme_
         raise RuntimeError("database went away")
 
     monkeypatch.setattr("routing.gateway.plan_call", broken)
-    response = httpx2.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {acme_key}"},
-        json={"model": "mistral-small-latest", "messages": MESSAGES},
-    )
+    response = chat(gateway_url, acme_key)
     assert response.status_code == 500
     assert response.json()["code"] == "internal_error"
     assert response.headers["X-Request-Id"].startswith("gw-")
