@@ -167,6 +167,8 @@ def _default_policy_values(scope_type: str, tenant: Tenant) -> dict | None:
             "warn_at": plan.warn_at,
             "soft_cap": plan.soft_cap,
             "hard_cap": plan.hard_cap,
+            "strategy": plan.strategy,
+            "disabled_tools": plan.disabled_tools,
             "source": PolicySource.PLAN,
         }
     limit = {

@@ -155,6 +155,12 @@ class Plan(ThresholdsMixin):
     is_default = models.BooleanField(
         default=False, help_text="Used for subscriptions whose price has no plan."
     )
+    strategy = models.CharField(
+        max_length=16, choices=Strategy.choices, blank=True, help_text="Routing strategy."
+    )
+    disabled_tools = models.JSONField(
+        default=list, blank=True, help_text="Tool names removed from requests when degraded."
+    )
 
     class Meta:
         constraints = [

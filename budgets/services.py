@@ -15,7 +15,17 @@ from django.utils import timezone
 
 from . import engine
 from .errors import InvalidApiKey, InvalidRequest
-from .models import Agent, ApiKey, BudgetPolicy, Plan, PolicySource, ScopeType, Tenant, Window
+from .models import (
+    Agent,
+    ApiKey,
+    BudgetPolicy,
+    Plan,
+    PolicySource,
+    ScopeType,
+    Strategy,
+    Tenant,
+    Window,
+)
 from .money import InvalidAmount, usd_to_nanos
 
 KEY_PREFIX = "sgk"
@@ -171,6 +181,7 @@ def set_policy(
     user_key: str = "",
     disabled_tools: list[str] | None = None,
     enabled: bool = True,
+    strategy: str = Strategy.INHERIT,
     source: str = PolicySource.OPERATOR,
     now: datetime | None = None,
 ) -> BudgetPolicy:
@@ -179,6 +190,12 @@ def set_policy(
         raise InvalidRequest(
             f"unknown window {window!r}; use one of {', '.join(Window.values)}",
             {"fields": {"window": ["unknown window"]}},
+        )
+    if strategy not in Strategy.values:
+        raise InvalidRequest(
+            f"unknown strategy {strategy!r}; use one of "
+            + ", ".join(value for value in Strategy.values if value),
+            {"fields": {"strategy": ["unknown strategy"]}},
         )
     tools = list(disabled_tools or [])
     if not all(isinstance(t, str) and 0 < len(t) <= 64 for t in tools):
@@ -195,6 +212,7 @@ def set_policy(
         "hard_cap": hard_cap,
         "disabled_tools": tools,
         "enabled": enabled,
+        "strategy": strategy,
         "source": source,
     }
     with transaction.atomic():

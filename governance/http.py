@@ -20,6 +20,14 @@ STATUS_BY_CODE = {
     "request_too_large": 413,
     "unsupported_media_type": 415,
     "upstream_unavailable": 502,
+    "internal_error": 500,
+    # Stripe webhooks: a 5xx makes Stripe retry the delivery; a 4xx does not.
+    "invalid_signature": 400,
+    "invalid_payload": 400,
+    "event_rejected": 400,
+    "webhook_error": 400,
+    "handler_failed": 500,
+    "webhooks_not_configured": 503,
 }
 
 

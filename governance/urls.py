@@ -4,6 +4,7 @@ from django.views.generic import RedirectView
 
 from routing import authorizations
 from routing import views as gateway
+from webhooks.views import stripe_webhook
 
 admin.site.site_header = "Spend Governance"
 admin.site.site_title = "Spend Governance"
@@ -16,4 +17,5 @@ urlpatterns = [
     path("api/authorizations", authorizations.authorize, name="authorize"),
     path("api/authorizations/<str:request_id>/capture", authorizations.capture, name="capture"),
     path("api/authorizations/<str:request_id>/void", authorizations.void, name="void"),
+    path("api/webhooks/stripe", stripe_webhook, name="stripe-webhook"),
 ]

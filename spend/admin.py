@@ -2,7 +2,7 @@ from django.contrib import admin
 
 from budgets.money import nanos_to_usd
 
-from .models import SpendEntry
+from .models import MeterAccount, MeterReport, SpendEntry
 
 
 @admin.register(SpendEntry)
@@ -34,6 +34,46 @@ class SpendEntryAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(MeterReport)
+class MeterReportAdmin(admin.ModelAdmin):
+    """Usage batches sent (or waiting to be sent) to Stripe meter events."""
+
+    list_display = (
+        "created_at",
+        "stripe_customer_id",
+        "value",
+        "unit",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "last_error",
+    )
+    list_filter = ("status", "unit")
+    search_fields = ("identifier", "stripe_customer_id")
+    date_hierarchy = "created_at"
+    list_select_related = ("tenant",)
+    readonly_fields = [f.name for f in MeterReport._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(MeterAccount)
+class MeterAccountAdmin(admin.ModelAdmin):
+    list_display = ("tenant", "event_name", "unit", "claimed_amount", "claimed_units", "updated_at")
+    list_select_related = ("tenant",)
+    readonly_fields = [f.name for f in MeterAccount._meta.fields]
+
+    def has_add_permission(self, request):
         return False
 
     def has_delete_permission(self, request, obj=None):

@@ -36,6 +36,14 @@ class SpendEntry(models.Model):
     reported_at = models.DateTimeField(
         null=True, blank=True, help_text="When this row was reported to Stripe."
     )
+    meter_report = models.ForeignKey(
+        "MeterReport",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="entries",
+        help_text="The Stripe meter event this row's spend was claimed for.",
+    )
 
     class Meta:
         verbose_name_plural = "spend entries"
@@ -52,3 +60,81 @@ class SpendEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id}: {self.cost_nanos} nanos"
+
+
+class MeterUnit(models.TextChoices):
+    MICRO_USD = "micro_usd", "micro-USD (0.000001 USD)"
+    MILLI_USD = "milli_usd", "milli-USD (0.001 USD)"
+    CENTS = "cents", "US cents"
+    TOKENS = "tokens", "tokens (prompt + completion)"
+
+
+class MeterAccount(models.Model):
+    """Running totals of one tenant's usage claimed for one Stripe meter and unit. Whole
+    units are reported; what is left under one unit carries to the next report, so the
+    units reported always equal floor(claimed amount / unit)."""
+
+    tenant = models.ForeignKey(
+        "budgets.Tenant", on_delete=models.PROTECT, related_name="meter_accounts"
+    )
+    event_name = models.CharField(max_length=100)
+    unit = models.CharField(max_length=16, choices=MeterUnit.choices)
+    claimed_amount = models.BigIntegerField(
+        default=0, help_text="Nanodollars (tokens for the tokens unit) of every row claimed."
+    )
+    claimed_units = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "event_name", "unit"], name="meter_account_unique"
+            ),
+            models.CheckConstraint(
+                condition=Q(claimed_amount__gte=0, claimed_units__gte=0),
+                name="meter_account_nonneg",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.event_name} ({self.unit})"
+
+
+class MeterReport(models.Model):
+    """One Stripe meter event: a batch of one tenant's ledger rows, in whole units. Its
+    identifier is fixed when the batch is claimed, so sending it again is a no-op at
+    Stripe; its rows are marked reported only once Stripe has accepted it."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        REPORTED = "reported"
+
+    tenant = models.ForeignKey(
+        "budgets.Tenant", on_delete=models.PROTECT, related_name="meter_reports"
+    )
+    stripe_customer_id = models.CharField(max_length=80)
+    event_name = models.CharField(max_length=100)
+    unit = models.CharField(max_length=16, choices=MeterUnit.choices)
+    identifier = models.CharField(max_length=100, unique=True)
+    amount = models.BigIntegerField(
+        help_text="Nanodollars (tokens for the tokens unit) of the rows in this batch."
+    )
+    value = models.BigIntegerField(help_text="Whole units sent to Stripe.")
+    timestamp = models.DateTimeField(help_text="The meter event's time.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    reported_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "next_attempt_at"])]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(amount__gte=0, value__gte=0), name="meter_report_nonneg"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.identifier}: {self.value} {self.unit} ({self.status})"

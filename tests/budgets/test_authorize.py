@@ -240,3 +240,24 @@ def test_a_retry_after_losing_a_race_stays_in_the_calls_window(acme, now):
         scope, request_id="r", model="m", prices=PRICES, input_tokens=0, max_output_tokens=500
     )
     assert BudgetPeriod.objects.filter(policy__tenant=acme).count() == 1
+
+
+def test_a_plan_brings_its_strategy_and_disabled_tools(db, now):
+    plan = Plan.objects.create(
+        name="lite",
+        limit_nanos=usd_to_nanos("20"),
+        window="month",
+        strategy="cost-optimized",
+        disabled_tools=["web_search"],
+    )
+    tenant = services.create_tenant("Initech", "cus_initech", plan=plan)
+    (period,) = engine.state_of(tenant, now=now).periods
+    assert (period.policy.strategy, period.policy.disabled_tools) == (
+        "cost-optimized",
+        ["web_search"],
+    )
+
+
+def test_an_unknown_strategy_is_refused(acme):
+    with pytest.raises(InvalidRequest, match="unknown strategy 'fastest'"):
+        services.set_policy(acme, ScopeType.TENANT, limit_nanos=1000, strategy="fastest")

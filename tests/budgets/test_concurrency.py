@@ -1,12 +1,9 @@
 """Concurrency guarantees, proved on PostgreSQL with real threads and connections."""
 
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
-from django.db import connection
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -15,27 +12,13 @@ from budgets.errors import BudgetExceeded
 from budgets.models import Agent, BudgetPeriod, Hold, HoldStatus, ScopeType, Tenant
 from budgets.money import Prices
 from spend.models import SpendEntry
+from tests.threads import in_threads
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("require_postgres")]
 
 PRICES = Prices(10, 100)
 THREADS = 40
 CALLS_PER_THREAD = 10
-
-
-def in_threads(count, work):
-    """Run work(i) in `count` threads that start together; each closes its connection."""
-    barrier = threading.Barrier(count)
-
-    def run(i):
-        barrier.wait()
-        try:
-            return work(i)
-        finally:
-            connection.close()
-
-    with ThreadPoolExecutor(count) as pool:
-        return list(pool.map(run, range(count)))
 
 
 def test_many_concurrent_callers_never_overspend(now):

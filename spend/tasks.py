@@ -1,0 +1,19 @@
+"""Celery tasks of the spend app: thin wrappers around plain functions."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from . import stripe_export
+
+
+@shared_task(name="spend.report_usage_to_stripe", ignore_result=True)
+def report_usage_to_stripe() -> dict:
+    """Report captured spend to Stripe meter events (off until Stripe is configured)."""
+    result = stripe_export.export_usage()
+    return {
+        "enabled": result.enabled,
+        "claimed": result.claimed,
+        "sent": result.sent,
+        "failed": result.failed,
+    }
