@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format migrate check-python clean
+.PHONY: run test lint format migrate check-python clean worker beat
 
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; set PYTHON=/path/to/python3.11")'
@@ -39,6 +39,15 @@ run: migrate
 test: $(VENV)/.installed-dev
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest
+
+# Scale-out: run these (any number of workers, one beat) against REDIS_URL and
+# DATABASE_URL, and `manage.py serve --no-periodic` (or uvicorn) for the web processes.
+worker: migrate
+	$(BIN)/celery -A governance worker --loglevel info
+
+beat: migrate
+	$(BIN)/celery -A governance beat --loglevel info \
+		--scheduler django_celery_beat.schedulers:DatabaseScheduler
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

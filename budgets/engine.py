@@ -10,14 +10,15 @@ transactions never wait on each other in a circle.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F, Q, Sum
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Exists, F, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from spend.models import SpendEntry
@@ -169,6 +170,8 @@ def _default_policy_values(scope_type: str, tenant: Tenant) -> dict | None:
             "hard_cap": plan.hard_cap,
             "strategy": plan.strategy,
             "disabled_tools": plan.disabled_tools,
+            "velocity_limit_nanos": plan.velocity_limit_nanos,
+            "auto_pause": plan.auto_pause,
             "source": PolicySource.PLAN,
         }
     limit = {
@@ -594,33 +597,147 @@ def void(hold: Hold | str) -> Hold:
     return hold
 
 
-def expire_holds(now: datetime | None = None, batch_size: int = 1000) -> int:
+def expire_holds(now: datetime | None = None, batch_size: int = 50_000) -> int:
     """Release every hold past its expiry, so a crashed worker never strands budget.
-    Safe to run twice at once: each run claims rows the other has not locked."""
+
+    Set-based: each batch is a handful of statements whatever its size. Safe to run twice
+    at once: a batch claims holds the other run has not locked (SKIP LOCKED), and locks
+    the periods it releases in id order, the order authorize locks them in.
+    """
     now = now or timezone.now()
     expired = 0
     while True:
         with transaction.atomic():
-            ids = list(
-                Hold.objects.select_for_update(skip_locked=True)
-                .filter(status=HoldStatus.HELD, expires_at__lte=now)
-                .order_by("id")
-                .values_list("id", flat=True)[:batch_size]
+            released = _expire_batch(now, batch_size)
+        expired += released
+        if released < batch_size:
+            return expired
+
+
+def _expire_batch(now: datetime, batch_size: int) -> int:
+    hold, line, period = Hold._meta.db_table, HoldLine._meta.db_table, BudgetPeriod._meta.db_table
+    postgres = connection.vendor == "postgresql"
+    token = uuid.uuid4()
+    token_param = token if postgres else token.hex
+    # As Django stores them (SQLite compares datetimes as text).
+    moment = connection.ops.adapt_datetimefield_value(now)
+    # Only table names from the models are formatted in; every value is a parameter.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {hold} SET status = %s, finished_at = %s, release_token = %s "  # noqa: S608
+            f"WHERE id IN (SELECT id FROM {hold} WHERE status = %s AND expires_at <= %s "
+            f"ORDER BY id LIMIT %s{' FOR UPDATE SKIP LOCKED' if postgres else ''})",
+            [HoldStatus.EXPIRED, moment, token_param, HoldStatus.HELD, moment, batch_size],
+        )
+        claimed = cursor.rowcount
+        if not claimed:
+            return 0
+        released = (
+            f"SELECT l.period_id AS period_id, SUM(l.amount_nanos) AS total FROM {line} l "  # noqa: S608
+            f"JOIN {hold} h ON h.id = l.hold_id WHERE h.release_token = %s GROUP BY l.period_id"
+        )
+        if postgres:
+            cursor.execute(
+                f"SELECT id FROM {period} WHERE id IN (SELECT period_id FROM ({released}) r) "  # noqa: S608
+                "ORDER BY id FOR UPDATE",
+                [token_param],
             )
-            if not ids:
-                return expired
-            Hold.objects.filter(id__in=ids).update(status=HoldStatus.EXPIRED, finished_at=now)
-            totals = (
-                HoldLine.objects.filter(hold_id__in=ids)
-                .values("period_id")
-                .annotate(total=Sum("amount_nanos"))
-                .order_by("period_id")
-            )
-            for row in totals:
-                BudgetPeriod.objects.filter(pk=row["period_id"]).update(
-                    held_nanos=F("held_nanos") - row["total"]
+        cursor.execute(
+            f"UPDATE {period} SET held_nanos = held_nanos - r.total FROM ({released}) r "  # noqa: S608
+            f"WHERE {period}.id = r.period_id",
+            [token_param],
+        )
+    return claimed
+
+
+def materialize_periods(now: datetime | None = None, batch_size: int = 5000) -> int:
+    """Open the current period of every enabled policy that has none, with the reset
+    event of each new window. Periods are also opened on first use, so nothing depends
+    on this running on time; it makes windows (and their reset alerts) start on time.
+    A handful of statements per batch; safe to run twice (the period key is unique)."""
+    now = now or timezone.now()
+    latest = BudgetPeriod.objects.filter(policy=OuterRef("pk")).order_by("-window_start")
+    missing = (
+        BudgetPolicy.objects.filter(enabled=True)
+        .exclude(
+            Exists(
+                BudgetPeriod.objects.filter(
+                    policy=OuterRef("pk"),
+                    closed_at__isnull=True,
+                    window_start__lte=now,
+                    window_end__gt=now,
                 )
-        expired += len(ids)
+            )
+        )
+        .annotate(
+            previous_end=Subquery(latest.values("window_end")[:1]),
+            previous_closed=Subquery(latest.values("closed_at")[:1]),
+        )
+        .select_related("tenant")
+        .order_by("pk")
+    )
+    created = 0
+    batch: list[BudgetPeriod] = []
+    for policy in missing.iterator(chunk_size=batch_size):
+        start, end = window_bounds(
+            policy.window,
+            now,
+            billing_period_start=policy.tenant.billing_period_start,
+            billing_period_end=policy.tenant.billing_period_end,
+        )
+        previous_end = policy.previous_closed or policy.previous_end
+        if previous_end is not None and previous_end > start:
+            start = previous_end
+        if start < end:
+            batch.append(
+                BudgetPeriod(
+                    policy=policy, window_start=start, window_end=end, **thresholds_of(policy)
+                )
+            )
+        if len(batch) >= batch_size:
+            created += _insert_periods(batch)
+            batch = []
+    created += _insert_periods(batch)
+    _record_window_resets(now)
+    return created
+
+
+def _insert_periods(periods: list[BudgetPeriod]) -> int:
+    if not periods:
+        return 0
+    with transaction.atomic():
+        BudgetPeriod.objects.bulk_create(periods, ignore_conflicts=True)
+    return len(periods)
+
+
+def _record_window_resets(now: datetime) -> None:
+    """A `reset` event on every current period that follows an earlier one and has none."""
+    previous = BudgetPeriod.objects.filter(
+        policy=OuterRef("policy"), window_start__lt=OuterRef("window_start")
+    ).order_by("-window_start")
+    fresh = (
+        BudgetPeriod.objects.filter(
+            closed_at__isnull=True, window_start__lte=now, window_end__gt=now
+        )
+        .exclude(events__kind=EventKind.RESET)
+        .annotate(
+            previous_spent=Subquery(previous.values("spent_nanos")[:1]),
+            previous_limit=Subquery(previous.values("limit_nanos")[:1]),
+        )
+        .filter(previous_spent__isnull=False)
+        .values_list("pk", "previous_spent", "previous_limit")
+    )
+    events = [
+        BudgetEvent(
+            period_id=pk,
+            kind=EventKind.RESET,
+            spent_nanos=spent,
+            limit_nanos=limit,
+            detail="new window",
+        )
+        for pk, spent, limit in fresh.iterator(chunk_size=5000)
+    ]
+    BudgetEvent.objects.bulk_create(events, batch_size=5000, ignore_conflicts=True)
 
 
 # --- Resets and policy changes ------------------------------------------------------

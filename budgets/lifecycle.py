@@ -93,6 +93,8 @@ def _policy_matches_plan(policy: BudgetPolicy, plan: Plan) -> bool:
         and (policy.warn_at, policy.soft_cap, policy.hard_cap)
         == (plan.warn_at, plan.soft_cap, plan.hard_cap)
         and (policy.strategy, policy.disabled_tools) == (plan.strategy, plan.disabled_tools)
+        and (policy.velocity_limit_nanos, policy.auto_pause)
+        == (plan.velocity_limit_nanos, plan.auto_pause)
     )
 
 
@@ -121,6 +123,8 @@ def apply_plan(tenant: Tenant, plan: Plan, now: datetime) -> str:
             disabled_tools=plan.disabled_tools,
             enabled=policy.enabled if policy else True,
             strategy=plan.strategy,
+            velocity_limit_nanos=plan.velocity_limit_nanos,
+            auto_pause=plan.auto_pause,
             source=PolicySource.PLAN,
             now=now,
         )

@@ -158,6 +158,12 @@ class Plan(ThresholdsMixin):
     strategy = models.CharField(
         max_length=16, choices=Strategy.choices, blank=True, help_text="Routing strategy."
     )
+    velocity_limit_nanos = models.BigIntegerField(
+        null=True, blank=True, help_text="Spend per rolling hour, per agent, that is a runaway."
+    )
+    auto_pause = models.BooleanField(
+        default=False, help_text="Pause an agent whose spend velocity crosses the limit."
+    )
     disabled_tools = models.JSONField(
         default=list, blank=True, help_text="Tool names removed from requests when degraded."
     )
@@ -266,6 +272,15 @@ class BudgetPolicy(ThresholdsMixin):
     strategy = models.CharField(
         max_length=16, choices=Strategy.choices, blank=True, help_text="Empty: as requested."
     )
+    velocity_limit_nanos = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Spend per rolling hour, per agent, that is a runaway (on a tenant policy: "
+        "each of its agents).",
+    )
+    auto_pause = models.BooleanField(
+        default=False, help_text="Pause an agent whose spend velocity crosses the limit."
+    )
     source = models.CharField(
         max_length=16, choices=PolicySource.choices, default=PolicySource.OPERATOR
     )
@@ -353,6 +368,8 @@ class Hold(models.Model):
     expires_at = models.DateTimeField()
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Marks the holds one expiry batch claimed, so their lines can be summed in SQL.
+    release_token = models.UUIDField(null=True, blank=True, db_index=True, editable=False)
     periods = models.ManyToManyField(BudgetPeriod, through="HoldLine", related_name="holds")
 
     class Meta:

@@ -182,6 +182,8 @@ def set_policy(
     disabled_tools: list[str] | None = None,
     enabled: bool = True,
     strategy: str = Strategy.INHERIT,
+    velocity_limit_nanos: int | None = None,
+    auto_pause: bool = False,
     source: str = PolicySource.OPERATOR,
     now: datetime | None = None,
 ) -> BudgetPolicy:
@@ -200,6 +202,11 @@ def set_policy(
     tools = list(disabled_tools or [])
     if not all(isinstance(t, str) and 0 < len(t) <= 64 for t in tools):
         raise InvalidRequest("disabled_tools must be a list of tool names (1-64 characters)")
+    if velocity_limit_nanos is not None and velocity_limit_nanos <= 0:
+        raise InvalidRequest(
+            "velocity limit: must be a positive amount of USD per hour",
+            {"fields": {"velocity_limit": ["must be positive"]}},
+        )
     scope = policy_scope(scope_type, tenant, agent, user_key)
     values = {
         "tenant": tenant,
@@ -213,6 +220,8 @@ def set_policy(
         "disabled_tools": tools,
         "enabled": enabled,
         "strategy": strategy,
+        "velocity_limit_nanos": velocity_limit_nanos,
+        "auto_pause": auto_pause,
         "source": source,
     }
     with transaction.atomic():

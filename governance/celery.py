@@ -1,5 +1,6 @@
-"""The Celery app. Broker and results come from REDIS_URL; without it the embedded
-default uses an in-memory broker (periodic work is wired up in its own issue)."""
+"""The Celery app. The broker is REDIS_URL; without it (the embedded default) a broker on
+the file system under var/. Periodic tasks are scheduled by django-celery-beat from the
+database (seeded by a migration, editable in the admin)."""
 
 from __future__ import annotations
 

@@ -178,8 +178,20 @@ if REDIS_URL:
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
-CELERY_BROKER_URL = REDIS_URL or "memory://"
-CELERY_RESULT_BACKEND = REDIS_URL or None
+# Embedded default: a broker on the file system under var/ (no server to run), so the
+# worker and beat that `make run` starts really run the periodic tasks. Scale-out: Redis.
+CELERY_BROKER_URL = REDIS_URL or "filesystem://"
+if not REDIS_URL:
+    _queue = VAR_DIR / "celery" / "queue"
+    _queue.mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_queue),
+        "data_folder_out": str(_queue),
+        "store_processed": False,
+    }
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = "UTC"
@@ -294,3 +306,13 @@ if STRIPE_WEBHOOK_TOLERANCE_SECONDS <= 0 or PAYMENT_FAILED_GRACE_HOURS < 0:
     raise ImproperlyConfigured(
         "STRIPE_WEBHOOK_TOLERANCE_SECONDS must be positive, PAYMENT_FAILED_GRACE_HOURS not negative"
     )
+
+# --- Spike detection (see spend/spikes.py for the method) ---------------------------
+# Standard deviations above the trailing 24-hour mean that make an hour a spike.
+SPIKE_SIGMAS = _setting("SPIKE_SIGMAS", env.int, 4)
+# ...and at least this many times the mean...
+SPIKE_MIN_RATIO = _setting("SPIKE_MIN_RATIO", env.int, 3)
+# ...and at least this much USD in the hour, so small amounts are never spikes.
+SPIKE_MIN_NANOS_PER_HOUR = _usd_setting("SPIKE_MIN_USD_PER_HOUR", "1")
+if SPIKE_SIGMAS <= 0 or SPIKE_MIN_RATIO <= 0:
+    raise ImproperlyConfigured("SPIKE_SIGMAS and SPIKE_MIN_RATIO must be positive")

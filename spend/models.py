@@ -138,3 +138,79 @@ class MeterReport(models.Model):
 
     def __str__(self) -> str:
         return f"{self.identifier}: {self.value} {self.unit} ({self.status})"
+
+
+class HourlyRollup(models.Model):
+    """Ledger spend summed per hour, tenant, agent and model: what the console and the
+    spend API read for any range, so they never scan the raw ledger. Recomputed from the
+    ledger for recent hours, so running the rollup twice changes nothing."""
+
+    hour = models.DateTimeField()
+    tenant = models.ForeignKey("budgets.Tenant", on_delete=models.CASCADE, related_name="rollups")
+    agent = models.ForeignKey(
+        "budgets.Agent", null=True, blank=True, on_delete=models.CASCADE, related_name="rollups"
+    )
+    model = models.CharField(max_length=100)
+    calls = models.BigIntegerField()
+    prompt_tokens = models.BigIntegerField()
+    completion_tokens = models.BigIntegerField()
+    cost_nanos = models.BigIntegerField()
+
+    class Meta:
+        # Two partial constraints: NULLs are distinct in a plain one (and SQLite has no
+        # NULLS NOT DISTINCT).
+        constraints = [
+            models.UniqueConstraint(
+                fields=["hour", "tenant", "agent", "model"],
+                condition=Q(agent__isnull=False),
+                name="rollup_agent_bucket_unique",
+            ),
+            models.UniqueConstraint(
+                fields=["hour", "tenant", "model"],
+                condition=Q(agent__isnull=True),
+                name="rollup_tenant_bucket_unique",
+            ),
+        ]
+        indexes = [models.Index(fields=["tenant", "hour"]), models.Index(fields=["agent", "hour"])]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H:00} {self.tenant_id}/{self.agent_id}/{self.model}"
+
+
+class Spike(models.Model):
+    """Spend far above a scope's own recent baseline, or over its velocity limit."""
+
+    class Kind(models.TextChoices):
+        ANOMALY = "anomaly", "far above its recent baseline"
+        VELOCITY = "velocity", "over its USD-per-hour limit"
+
+    scope_type = models.CharField(max_length=8)  # tenant or agent
+    tenant = models.ForeignKey("budgets.Tenant", on_delete=models.CASCADE, related_name="spikes")
+    agent = models.ForeignKey(
+        "budgets.Agent", null=True, blank=True, on_delete=models.CASCADE, related_name="spikes"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    hour = models.DateTimeField(help_text="The hour (UTC) the spike was seen in.")
+    spend_nanos = models.BigIntegerField(help_text="Spend in the measured hour.")
+    baseline_nanos = models.BigIntegerField(help_text="Mean hourly spend before it.")
+    threshold_nanos = models.BigIntegerField(help_text="What counted as a spike.")
+    agent_paused = models.BooleanField(default=False, help_text="The agent was paused for it.")
+    detected_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "agent", "kind", "hour"],
+                condition=Q(agent__isnull=False),
+                name="agent_spike_once_per_hour",
+            ),
+            models.UniqueConstraint(
+                fields=["tenant", "kind", "hour"],
+                condition=Q(agent__isnull=True),
+                name="tenant_spike_once_per_hour",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        who = self.agent.name if self.agent_id else self.tenant.stripe_customer_id
+        return f"{self.kind} spike of {who} at {self.hour:%Y-%m-%d %H:00}"

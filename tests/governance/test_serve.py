@@ -63,7 +63,7 @@ def test_serve_runs_the_simulator_and_stops_everything_on_sigterm(tmp_path):
         assert wait_until_up(f"http://127.0.0.1:{port}/admin/login/").status_code == 200
         assert wait_until_up(f"http://127.0.0.1:{sim_port}/_sim/requests").status_code == 200
         children = children_of(serve.pid)
-        assert len(children) == 2
+        assert len(children) == 3  # simulator, celery worker with beat, uvicorn
         serve.send_signal(signal.SIGTERM)
         output, _ = serve.communicate(timeout=30)
         assert "SIMULATOR" in output

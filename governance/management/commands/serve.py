@@ -21,8 +21,13 @@ class Command(BaseCommand):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+        parser.add_argument(
+            "--no-periodic",
+            action="store_true",
+            help="do not start the Celery worker and beat (run them yourself: make worker beat)",
+        )
 
-    def handle(self, *args, host, port, workers, **options):
+    def handle(self, *args, host, port, workers, no_periodic, **options):
         if not 0 < port < 65536:
             raise CommandError(f"--port {port}: use a port between 1 and 65535")
         children: list[subprocess.Popen] = []
@@ -34,6 +39,8 @@ class Command(BaseCommand):
                 children.append(self._start_simulator())
             else:
                 self.stdout.write(f"Upstream: Mistral at {settings.MISTRAL_SERVER_URL}")
+            if not no_periodic:
+                children.append(self._start_periodic_work())
             server = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
                 [
                     sys.executable, "-m", "uvicorn", "governance.asgi:application",
@@ -54,6 +61,17 @@ class Command(BaseCommand):
                     child.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     child.kill()
+
+    def _start_periodic_work(self) -> subprocess.Popen:
+        broker = "Redis" if settings.REDIS_URL else "a file-system broker under var/"
+        self.stdout.write(f"Periodic tasks: a Celery worker with beat, on {broker}.")
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "governance", "worker", "--beat",
+                "--scheduler", "django_celery_beat.schedulers:DatabaseScheduler",
+                "--concurrency", "1", "--loglevel", "warning",
+            ]
+        )  # fmt: skip
 
     def _start_simulator(self) -> subprocess.Popen:
         port = settings.SIMULATOR_PORT
