@@ -82,13 +82,21 @@ def main() -> None:
     expires = now - timedelta(seconds=1)
     holds = Hold.objects.bulk_create(
         [
-            Hold(request_id=f"b{stamp}-{p.pk}", tenant_id=p.policy.tenant_id,
-                 model="m", input_price_nanos=1, output_price_nanos=1, input_tokens=1, max_output_tokens=1,
-                 amount_nanos=2, expires_at=expires)
+            Hold(
+                request_id=f"b{stamp}-{p.pk}",
+                tenant_id=p.policy.tenant_id,
+                model="m",
+                input_price_nanos=1,
+                output_price_nanos=1,
+                input_tokens=1,
+                max_output_tokens=1,
+                amount_nanos=2,
+                expires_at=expires,
+            )
             for p in periods
         ],
         batch_size=5000,
-    )  # fmt: skip
+    )
     HoldLine.objects.bulk_create(
         [HoldLine(hold=h, period=p, amount_nanos=2) for h, p in zip(holds, periods, strict=True)],
         batch_size=5000,
