@@ -184,9 +184,11 @@ CELERY_BROKER_URL = REDIS_URL or "filesystem://"
 if not REDIS_URL:
     _queue = VAR_DIR / "celery" / "queue"
     _queue.mkdir(parents=True, exist_ok=True)
+    (VAR_DIR / "celery" / "control").mkdir(exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_queue),
         "data_folder_out": str(_queue),
+        "control_folder": str(VAR_DIR / "celery" / "control"),
         "store_processed": False,
     }
 CELERY_RESULT_BACKEND = None
