@@ -219,10 +219,22 @@ STORAGES = {
     "staticfiles": {"BACKEND": "servestatic.storage.CompressedStaticFilesStorage"},
 }
 
+# json: one JSON object a line (for log shippers); text: plain lines for a terminal.
+# Both mask anything shaped like a key or secret.
+LOG_FORMAT = env.str("LOG_FORMAT", default="").strip().lower() or "json"
+if LOG_FORMAT not in ("json", "text"):
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r}: use json or text")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "formatters": {
+        "json": {"()": "governance.logs.JsonFormatter"},
+        "text": {
+            "()": "governance.logs.TextFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        },
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="").upper() or "INFO"},
 }
 
@@ -318,3 +330,37 @@ SPIKE_MIN_RATIO = _setting("SPIKE_MIN_RATIO", env.int, 3)
 SPIKE_MIN_NANOS_PER_HOUR = _usd_setting("SPIKE_MIN_USD_PER_HOUR", "1")
 if SPIKE_SIGMAS <= 0 or SPIKE_MIN_RATIO <= 0:
     raise ImproperlyConfigured("SPIKE_SIGMAS and SPIKE_MIN_RATIO must be positive")
+
+# --- Alerts -------------------------------------------------------------------------
+# Outgoing mail for email alert channels: smtp+tls://user:password@host:587, or the
+# default consolemail:// (printed to the log), for the embedded mode.
+EMAIL_URL = env.str("EMAIL_URL", default="").strip() or "consolemail://"
+try:
+    vars().update(environ.Env.email_url_config(EMAIL_URL))
+except (ValueError, KeyError) as exc:
+    raise ImproperlyConfigured(f"EMAIL_URL: {exc}") from None
+EMAIL_TIMEOUT = _setting("EMAIL_TIMEOUT", env.int, 10)
+ALERT_FROM_EMAIL = env.str("ALERT_FROM_EMAIL", default="").strip() or "spend-governance@localhost"
+# The console's public address, for links in alerts; empty: alerts carry no link.
+CONSOLE_BASE_URL = env.str("CONSOLE_BASE_URL", default="").strip()
+# Budget events and spikes older than this are never alerted (keeps each run cheap).
+ALERT_LOOKBACK_HOURS = _setting("ALERT_LOOKBACK_HOURS", env.int, 24)
+# Attempts per alert and channel before it is marked failed; the waits between them
+# double from ALERT_RETRY_SECONDS up to an hour.
+ALERT_MAX_ATTEMPTS = _setting("ALERT_MAX_ATTEMPTS", env.int, 8)
+ALERT_RETRY_SECONDS = _setting("ALERT_RETRY_SECONDS", env.int, 60)
+# Seconds a webhook channel has to connect and to answer.
+ALERT_TIMEOUT_SECONDS = _setting("ALERT_TIMEOUT_SECONDS", env.float, 5.0)
+for _name in (
+    "EMAIL_TIMEOUT",
+    "ALERT_LOOKBACK_HOURS",
+    "ALERT_MAX_ATTEMPTS",
+    "ALERT_RETRY_SECONDS",
+    "ALERT_TIMEOUT_SECONDS",
+):
+    if globals()[_name] <= 0:
+        raise ImproperlyConfigured(f"{_name}: must be a positive number")
+
+# --- Metrics ------------------------------------------------------------------------
+# Bearer token Prometheus sends to read /metrics; empty: staff sessions only.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="").strip()

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import path
 from django.views.generic import RedirectView
 
+from governance.metrics import metrics_view
 from routing import authorizations
 from routing import views as gateway
 from webhooks.views import stripe_webhook
@@ -18,4 +19,5 @@ urlpatterns = [
     path("api/authorizations/<str:request_id>/capture", authorizations.capture, name="capture"),
     path("api/authorizations/<str:request_id>/void", authorizations.void, name="void"),
     path("api/webhooks/stripe", stripe_webhook, name="stripe-webhook"),
+    path("metrics", metrics_view, name="metrics"),
 ]

@@ -23,6 +23,8 @@ from mistralai.client.errors import MistralError
 from pydantic import ValidationError
 
 from budgets.errors import GovernanceError, InvalidApiKey, InvalidRequest
+from budgets.models import ApiKey
+from governance import logs, metrics
 from governance.http import error_details, status_for
 
 from . import gateway, upstream
@@ -203,6 +205,7 @@ async def _open_upstream(plan, key, original, user_key, *, stream: bool):
                 )
             else:
                 upstream.breaker.record_success(plan.model.id)
+                metrics.observe_upstream_latency(plan.model.id, time.monotonic() - started)
                 return plan, response, started
         else:
             await in_thread(gateway.void)(plan)
@@ -224,6 +227,36 @@ def _dump(model: Any) -> dict[str, Any]:
     return model.model_dump(mode="json", by_alias=True)
 
 
+def _record_served(request_id: str, plan: gateway.CallPlan, cost_nanos: int | None = None) -> None:
+    """Count and log a call that went upstream (a stream's cost is not known yet)."""
+    outcome = metrics.Outcome.DOWNGRADED if plan.downgraded_from else metrics.Outcome.ALLOWED
+    metrics.count_call(outcome, plan.model.id, downgraded_from=plan.downgraded_from)
+    logs.log_gateway_decision(
+        request_id,
+        outcome,
+        key=plan.key,
+        model=plan.model.id,
+        downgraded_from=plan.downgraded_from,
+        status=200,
+        cost_nanos=cost_nanos,
+    )
+
+
+def _record_failed(
+    request_id: str,
+    outcome: str,
+    status: int,
+    *,
+    code: str | None = None,
+    key: ApiKey | None = None,
+    plan: gateway.CallPlan | None = None,
+) -> None:
+    """Count and log a call answered with an error (`key` is the key row, never the secret)."""
+    model = plan.model.id if plan is not None else None
+    metrics.count_call(outcome, model, reason=code)
+    logs.log_gateway_decision(request_id, outcome, key=key, model=model, code=code, status=status)
+
+
 @csrf_exempt
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     request_id = f"gw-{uuid.uuid4().hex}"
@@ -233,13 +266,15 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         # Agents parse JSON errors; an unexpected failure (the database went away, a bug)
         # is still answered in the upstream's shape, with the id to find it in the logs.
         # A hold it left behind is released by expire_holds.
-        log.exception("gateway call %s failed", request_id)
+        log.exception("gateway call %s failed", request_id, extra={"request_id": request_id})
+        metrics.count_call(metrics.Outcome.ERROR, None)
         return error_response("internal_error", "the gateway failed; try again", 500, request_id)
 
 
 async def _chat_completions(request: HttpRequest, request_id: str) -> HttpResponse:
     if request.method != "POST":
         return error_response("method_not_allowed", "use POST", 405, request_id)
+    key = plan = None
     try:
         key = await in_thread(gateway.authenticate)(bearer_key(request))
         original = gateway.validate_chat_request(read_json(request))
@@ -251,13 +286,16 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
             plan, key, original, user_key, stream=bool(original.get("stream"))
         )
     except GovernanceError as exc:
-        log.info("refused %s: %s", request_id, exc.code)
+        outcome, status = metrics.outcome_of_error(exc.code), status_for(exc.code)
+        _record_failed(request_id, outcome, status, code=exc.code, key=key, plan=plan)
         return governance_error(exc, request_id)
     except UpstreamError as exc:
+        _record_failed(request_id, metrics.Outcome.UPSTREAM_ERROR, exc.status, key=key, plan=plan)
         reply = JsonResponse(exc.body, status=exc.status, safe=False)
         reply["X-Request-Id"] = request_id
         return reply
     if original.get("stream"):
+        _record_served(request_id, plan)
         return _streaming_response(plan, response, started)
     latency_ms = int((time.monotonic() - started) * 1000)
     tokens = _usage_tokens(response.usage)
@@ -271,6 +309,8 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
         usage_estimated=estimated,
         latency_ms=latency_ms,
     )
+    metrics.add_spend(plan.model.id, entry.cost_nanos)
+    _record_served(request_id, plan, entry.cost_nanos)
     reply = JsonResponse(_dump(response))
     for name, value in gateway.governance_headers(plan, entry.cost_nanos).items():
         reply[name] = value
@@ -331,13 +371,14 @@ async def _settle(plan, stream, usage, seen_bytes: int, started: float) -> None:
         # No usage from upstream: the whole prompt bound, and every byte of content seen
         # as a token (a token is at least a byte), never more than max_tokens.
         tokens = (plan.input_bound, min(seen_bytes, plan.max_tokens))
-    await in_thread(gateway.capture)(
+    entry = await in_thread(gateway.capture)(
         plan,
         prompt_tokens=tokens[0],
         completion_tokens=tokens[1],
         usage_estimated=estimated,
         latency_ms=int((time.monotonic() - started) * 1000),
     )
+    metrics.add_spend(plan.model.id, entry.cost_nanos)
 
 
 async def list_models(request: HttpRequest) -> HttpResponse:

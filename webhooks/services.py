@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from budgets import lifecycle
 from budgets.models import Tenant
+from governance import logs, metrics
 
 from .handlers import HANDLERS, MAX_TIMESTAMP, UnusableEvent, sync_access, timestamp
 from .models import DONE_STATUSES, EventStatus, StripeEvent, StripeSubscription
@@ -164,6 +165,23 @@ def process(event: StripeEvent, now: datetime | None = None) -> tuple[StripeEven
 def receive(raw_body: bytes, signature: str | None, now: datetime | None = None) -> Receipt:
     """Verify, store once and handle one delivery. Raises a WebhookError for anything
     that is not answered 200; the event, if stored, carries the error."""
+    try:
+        receipt = _receive(raw_body, signature, now)
+    except WebhookError as exc:
+        _observe(exc.event, exc.code)
+        raise
+    _observe(receipt.event, "duplicate" if receipt.duplicate else receipt.event.status)
+    return receipt
+
+
+def _observe(event: StripeEvent | None, result: str) -> None:
+    """Count and log how a delivery was handled: never its body or its signature."""
+    event_type = event.type if event is not None else None
+    metrics.count_webhook(event_type or "", result)
+    logs.log_webhook(event.stripe_id if event is not None else None, event_type, result)
+
+
+def _receive(raw_body: bytes, signature: str | None, now: datetime | None) -> Receipt:
     verify(raw_body, signature)
     event, created = store(parse_event(raw_body))
     if not created and event.status in DONE_STATUSES:
