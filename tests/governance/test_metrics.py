@@ -18,7 +18,6 @@ from budgets.money import NANOS_PER_USD, Prices, usd_to_nanos
 from spend.models import SpendEntry
 from tests.webhooks.stripe_objects import SECRET, event, post, resource
 
-
 TOKEN = "metrics-token-7c1f"
 MESSAGES = [{"role": "user", "content": "Summarise the invoice from Acme for March."}]
 
