@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 from django.views.generic import RedirectView
 
 from governance.metrics import metrics_view
@@ -20,4 +20,5 @@ urlpatterns = [
     path("api/authorizations/<str:request_id>/void", authorizations.void, name="void"),
     path("api/webhooks/stripe", stripe_webhook, name="stripe-webhook"),
     path("metrics", metrics_view, name="metrics"),
+    path("api/", include("governance.api_urls")),
 ]
