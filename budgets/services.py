@@ -49,15 +49,27 @@ def _full_clean(instance, exclude: list[str] | None = None) -> None:
 def create_tenant(name: str, stripe_customer_id: str, plan: Plan | None = None) -> Tenant:
     tenant = Tenant(name=name.strip(), stripe_customer_id=stripe_customer_id.strip(), plan=plan)
     _full_clean(tenant)
-    tenant.save()
+    _save_new(
+        tenant, f"a tenant with Stripe customer id {tenant.stripe_customer_id} already exists"
+    )
     return tenant
 
 
 def create_agent(tenant: Tenant, name: str) -> Agent:
     agent = Agent(tenant=tenant, name=name.strip())
     _full_clean(agent)
-    agent.save()
+    _save_new(agent, f"an agent named {agent.name} already exists in this tenant")
     return agent
+
+
+def _save_new(instance, conflict: str) -> None:
+    """Insert a row that validation found unique; a concurrent insert of the same key
+    between the check and the insert is the same clear error, not a crash."""
+    try:
+        with transaction.atomic():
+            instance.save()
+    except IntegrityError:
+        raise InvalidRequest(conflict) from None
 
 
 def set_agent_paused(agent: Agent, paused: bool, reason: str = "") -> Agent:

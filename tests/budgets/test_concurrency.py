@@ -135,3 +135,21 @@ def test_capture_and_expiry_racing_on_one_hold_charge_once():
     assert (
         period.spent_nanos == SpendEntry.objects.aggregate(t=Sum("cost_nanos"))["t"] == 50 * 1_100
     )
+
+
+def test_creating_the_same_agent_at_once_makes_one_and_a_clear_error():
+    from budgets.errors import InvalidRequest
+
+    tenant = services.create_tenant("Acme", "cus_acme")
+
+    def work(i):
+        try:
+            services.create_agent(Tenant.objects.get(pk=tenant.pk), "bot")
+            return "created"
+        except InvalidRequest as refused:
+            assert "already exists" in refused.message
+            return "refused"
+
+    outcomes = in_threads(8, work)
+    assert outcomes.count("created") == 1
+    assert Agent.objects.filter(tenant=tenant, name="bot").count() == 1
