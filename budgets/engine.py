@@ -656,9 +656,65 @@ def materialize_periods(now: datetime | None = None, batch_size: int = 5000) -> 
     on this running on time; it makes windows (and their reset alerts) start on time.
     A handful of statements per batch; safe to run twice (the period key is unique)."""
     now = now or timezone.now()
+    created = 0
+    fixed_windows = (Window.HOUR, Window.DAY, Window.WEEK, Window.MONTH)
+    if connection.vendor == "postgresql":
+        # Hour, day, week and month windows share their bounds across policies: one
+        # INSERT ... SELECT each, thresholds computed exactly in numeric. (SQLite has no
+        # exact decimal arithmetic; there, and for billing cycles, bounds are computed
+        # in Python and inserted in bulk.)
+        for window in fixed_windows:
+            created += _insert_fixed_window_periods(window, now)
+    skip = fixed_windows if connection.vendor == "postgresql" else ()
+    created += _materialize_in_python(now, batch_size, skip=skip)
+    _record_window_resets(now)
+    return created
+
+
+def _insert_fixed_window_periods(window: str, now: datetime) -> int:
+    start, end = window_bounds(window, now)
+    period, policy = BudgetPeriod._meta.db_table, BudgetPolicy._meta.db_table
+
+    def threshold(fraction: str) -> str:
+        return f"FLOOR(CAST(p.limit_nanos AS NUMERIC) * p.{fraction})::BIGINT"
+
+    # Only table names from the models are formatted in; every value is a parameter.
+    sql = f"""
+        INSERT INTO {period} (policy_id, window_start, window_end, limit_nanos, warn_nanos,
+            soft_nanos, hard_nanos, spent_nanos, held_nanos, state, close_reason, closed_by,
+            created_at)
+        SELECT p.id, GREATEST(%(start)s, COALESCE(prev.ends_at, %(start)s)), %(end)s,
+            p.limit_nanos, {threshold("warn_at")}, {threshold("soft_cap")},
+            {threshold("hard_cap")}, 0, 0, %(active)s, '', '', %(now)s
+        FROM {policy} p
+        LEFT JOIN LATERAL (
+            SELECT MAX(COALESCE(x.closed_at, x.window_end)) AS ends_at FROM {period} x
+            WHERE x.policy_id = p.id AND x.window_start < %(end)s
+        ) prev ON TRUE
+        WHERE p.enabled AND p.window = %(window)s
+          AND NOT EXISTS (
+            SELECT 1 FROM {period} c WHERE c.policy_id = p.id AND c.closed_at IS NULL
+              AND c.window_start <= %(now)s AND c.window_end > %(now)s)
+          AND GREATEST(%(start)s, COALESCE(prev.ends_at, %(start)s)) < %(end)s
+        ON CONFLICT DO NOTHING
+    """  # noqa: S608
+    params = {
+        "start": start,
+        "end": end,
+        "now": now,
+        "window": window,
+        "active": PeriodState.ACTIVE,
+    }
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+def _materialize_in_python(now: datetime, batch_size: int, skip: tuple[str, ...]) -> int:
     latest = BudgetPeriod.objects.filter(policy=OuterRef("pk")).order_by("-window_start")
     missing = (
         BudgetPolicy.objects.filter(enabled=True)
+        .exclude(window__in=skip)
         .exclude(
             Exists(
                 BudgetPeriod.objects.filter(
@@ -697,9 +753,7 @@ def materialize_periods(now: datetime | None = None, batch_size: int = 5000) -> 
         if len(batch) >= batch_size:
             created += _insert_periods(batch)
             batch = []
-    created += _insert_periods(batch)
-    _record_window_resets(now)
-    return created
+    return created + _insert_periods(batch)
 
 
 def _insert_periods(periods: list[BudgetPeriod]) -> int:

@@ -9,8 +9,9 @@ from decimal import Decimal, InvalidOperation
 NANOS_PER_USD = 1_000_000_000
 # Prices are published per million tokens; one USD per 1M tokens is 1000 nanos a token.
 NANOS_PER_TOKEN_PER_USD_PER_MILLION = NANOS_PER_USD // 1_000_000
-# A bound well inside BigIntegerField (9.2e18) so sums of many amounts cannot overflow.
-MAX_NANOS = 10**18  # one billion USD
+# A bound that leaves BigIntegerField (9.2e18) room for a hard cap of up to 10x the
+# limit and for sums of many amounts: 100 million USD.
+MAX_NANOS = 10**17
 
 
 class InvalidAmount(ValueError):
@@ -50,7 +51,9 @@ def usd_to_nanos(value: str | int | Decimal) -> int:
         raise InvalidAmount(f"{value!r} has more precision than one nanodollar (0.000000001 USD)")
     result = int(nanos)
     if abs(result) > MAX_NANOS:
-        raise InvalidAmount(f"{value!r} is larger than the maximum of 1000000000 USD")
+        raise InvalidAmount(
+            f"{value!r} is larger than the maximum of {nanos_to_usd(MAX_NANOS)} USD"
+        )
     return result
 
 

@@ -44,7 +44,7 @@ def test_it_converts_usd_to_nanos_exactly(usd, nanos):
         ("", "required"),
         ("NaN", "not a finite amount"),
         ("Infinity", "not a finite amount"),
-        ("1000000001", "larger than the maximum"),
+        ("100000001", "larger than the maximum of 100000000 USD"),
         (None, "not a decimal number"),
     ],
 )

@@ -91,3 +91,24 @@ def test_materialize_follows_the_stripe_billing_period(acme, now):
         acme.billing_period_start,
         acme.billing_period_end,
     )
+
+
+def test_materialized_thresholds_are_exactly_the_engines(acme, globex, now):
+    from decimal import Decimal
+
+    policy = services.set_policy(
+        acme, ScopeType.TENANT, limit_nanos=99_999_999_999_999_999, warn_at=Decimal("0.3333"),
+        soft_cap=Decimal("0.6667"), hard_cap=Decimal("9.9999"), window="week", now=now,
+    )  # fmt: skip
+    engine.materialize_periods(now)
+    period = BudgetPeriod.objects.get(policy=policy)
+    expected = engine.thresholds_of(policy)
+    assert {k: getattr(period, k) for k in expected} == expected
+
+
+def test_materialize_starts_after_an_early_reset(acme, now):
+    policy = services.set_policy(acme, ScopeType.TENANT, limit_nanos=1000, window="day", now=now)
+    engine.materialize_periods(now)
+    fresh = engine.reset(policy, reason="r", by="alice", now=now + timedelta(hours=1))
+    assert engine.materialize_periods(now + timedelta(hours=2)) == 0
+    assert engine.state_of(acme, now=now + timedelta(hours=2)).periods[0].pk == fresh.pk
