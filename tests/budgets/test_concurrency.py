@@ -153,3 +153,14 @@ def test_creating_the_same_agent_at_once_makes_one_and_a_clear_error():
     outcomes = in_threads(8, work)
     assert outcomes.count("created") == 1
     assert Agent.objects.filter(tenant=tenant, name="bot").count() == 1
+
+
+def test_two_materialize_runs_at_once_open_each_period_once(now):
+    for i in range(30):
+        tenant = services.create_tenant(f"T{i}", f"cus_t{i}")
+        services.set_policy(
+            tenant, ScopeType.TENANT, limit_nanos=10**9, window=["day", "hour"][i % 2], now=now
+        )
+    in_threads(2, lambda i: engine.materialize_periods(now))
+    assert BudgetPeriod.objects.count() == 30
+    assert BudgetPeriod.objects.values("policy").distinct().count() == 30

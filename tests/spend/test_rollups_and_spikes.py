@@ -115,3 +115,22 @@ def test_two_rollups_at_once_write_each_bucket_once(require_postgres, now):
         HourlyRollup.objects.aggregate(t=Sum("cost_nanos"))["t"]
         == SpendEntry.objects.aggregate(t=Sum("cost_nanos"))["t"]
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_detections_at_once_record_a_spike_once(require_postgres, now):
+    tenant = services.create_tenant("Acme", "cus_acme")
+    agent = services.create_agent(tenant, "bot")
+    services.set_policy(
+        tenant,
+        ScopeType.AGENT,
+        agent=agent,
+        limit_nanos=10**12,
+        velocity_limit_nanos=10,
+        auto_pause=True,
+        now=now,
+    )
+    ledger(tenant, agent, now - timedelta(minutes=2), 1000)
+    in_threads(4, lambda i: spikes.detect(now))
+    assert Spike.objects.filter(kind="velocity").count() == 1
+    assert Agent.objects.get(pk=agent.pk).paused
