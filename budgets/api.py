@@ -13,9 +13,10 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schem
 from rest_framework.response import Response
 
 from governance.api import OperatorView, calling_tenant, error_responses
-from spend.queries import ScopeNotFound, check_scope_type
+from spend.queries import check_scope_type
 
 from . import engine, services
+from .errors import ScopeNotFound
 from .models import (
     Agent,
     BudgetEvent,
@@ -295,14 +296,6 @@ class BudgetResetView(OperatorView):
 # --- Tenants ------------------------------------------------------------------------
 
 
-def set_tenant_suspended(tenant: Tenant, suspended: bool, reason: str = "") -> Tenant:
-    """An operator's suspension: billing (budgets.lifecycle.resume) never lifts it."""
-    tenant.status = Tenant.Status.SUSPENDED if suspended else Tenant.Status.ACTIVE
-    tenant.status_reason = reason.strip()[:200] if suspended else ""
-    tenant.save(update_fields=["status", "status_reason", "updated_at"])
-    return tenant
-
-
 def find_tenant(customer_id: str) -> Tenant:
     tenant = Tenant.objects.select_related("plan").filter(stripe_customer_id=customer_id).first()
     if tenant is None:
@@ -383,7 +376,9 @@ class TenantDetailView(OperatorView):
         tenant = find_tenant(customer_id)
         change = self.body(TenantUpdateSerializer)
         if "suspended" in change:
-            tenant = set_tenant_suspended(tenant, change["suspended"], change.get("reason", ""))
+            tenant = services.set_tenant_suspended(
+                tenant, change["suspended"], change.get("reason", "")
+            )
         return Response(TenantSerializer(tenant).data)
 
 

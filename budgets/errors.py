@@ -38,6 +38,12 @@ class HoldNotFound(GovernanceError):
     code = "hold_not_found"
 
 
+class ScopeNotFound(GovernanceError):
+    """No such tenant, agent or budget, or one the caller may not see."""
+
+    code = "not_found"
+
+
 class HoldConflict(GovernanceError):
     """The hold is in a state that forbids the operation (capture after void, ...)."""
 

@@ -72,6 +72,14 @@ def _save_new(instance, conflict: str) -> None:
         raise InvalidRequest(conflict) from None
 
 
+def set_tenant_suspended(tenant: Tenant, suspended: bool, reason: str = "") -> Tenant:
+    """An operator's suspension: billing (budgets.lifecycle.resume) never lifts it."""
+    tenant.status = Tenant.Status.SUSPENDED if suspended else Tenant.Status.ACTIVE
+    tenant.status_reason = reason.strip()[:200] if suspended else ""
+    tenant.save(update_fields=["status", "status_reason", "updated_at"])
+    return tenant
+
+
 def set_agent_paused(agent: Agent, paused: bool, reason: str = "") -> Agent:
     agent.paused = paused
     agent.paused_reason = reason[:200] if paused else ""

@@ -9,18 +9,12 @@ from datetime import UTC, datetime, timedelta
 from django.db.models import QuerySet, Sum
 
 from budgets import engine
-from budgets.errors import GovernanceError, InvalidRequest
+from budgets.errors import InvalidRequest, ScopeNotFound
 from budgets.models import Agent, BudgetPeriod, ScopeType, Tenant
 
 from .models import SpendEntry, Spike
 
 HOUR = timedelta(hours=1)
-
-
-class ScopeNotFound(GovernanceError):
-    """No such tenant, agent or budget, or one the caller may not see."""
-
-    code = "not_found"
 
 
 def check_scope_type(scope_type: str) -> str:
