@@ -69,3 +69,12 @@ def test_it_serves_the_schema_and_its_docs_to_anyone(client, settings):
     docs = client.get("/api/docs/")
     assert docs.status_code == 200
     assert b"swagger" in docs.content.lower()
+
+
+def test_the_docs_page_works_without_internet_access(client, db):
+    page = client.get("/api/docs/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "swagger-ui" in html
+    assert "cdn" not in html.lower() and "https://" not in html
+    assert "/static/drf_spectacular_sidecar/" in html
