@@ -30,7 +30,9 @@ run: migrate
 	$(BIN)/python manage.py seed_demo
 	@echo
 	@echo "Spend Governance on http://$(HOST):$(PORT)/"
+	@echo "  console:  http://$(HOST):$(PORT)/console/"
 	@echo "  admin:    http://$(HOST):$(PORT)/admin/"
+	@echo "  API docs: http://$(HOST):$(PORT)/api/docs/"
 	@echo "  gateway:  http://$(HOST):$(PORT)/v1/chat/completions (Mistral-compatible)"
 	@echo "  a key:    $(BIN)/python manage.py create_agent_key --tenant cus_demo --agent invoice-bot"
 	@echo

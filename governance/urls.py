@@ -11,7 +11,7 @@ admin.site.site_header = "Spend Governance"
 admin.site.site_title = "Spend Governance"
 
 urlpatterns = [
-    path("", RedirectView.as_view(url="/admin/", permanent=False)),
+    path("", RedirectView.as_view(url="/console/", permanent=False)),
     path("admin/", admin.site.urls),
     path("v1/chat/completions", gateway.chat_completions, name="chat-completions"),
     path("v1/models", gateway.list_models, name="models"),
@@ -21,4 +21,5 @@ urlpatterns = [
     path("api/webhooks/stripe", stripe_webhook, name="stripe-webhook"),
     path("metrics", metrics_view, name="metrics"),
     path("api/", include("governance.api_urls")),
+    path("console/", include("governance.console_urls")),
 ]

@@ -1,0 +1,260 @@
+"""The operator console: staff-only pages for the daily work. Views parse the request,
+call one query or service function, and render; budgets/ holds the rules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal
+from functools import wraps
+
+from django import forms
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_http_methods
+
+from budgets import engine, services
+from budgets.errors import InvalidRequest
+from budgets.models import BudgetPolicy, PeriodState, PolicySource, ScopeType, Window
+from budgets.money import nanos_to_usd
+
+from . import console_queries as queries
+
+# --- Access -------------------------------------------------------------------------
+
+
+def staff_only(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Anonymous visitors go to the admin login; signed-in non-staff are refused, not
+    sent to a login page they already passed."""
+
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.get_full_path(), reverse("admin:login"))
+        if not (request.user.is_active and request.user.is_staff):
+            raise PermissionDenied("The console is for staff.")
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+def _render(request: HttpRequest, template: str, context: dict) -> HttpResponse:
+    banners = []
+    if settings.UPSTREAM_SIMULATED:
+        banners.append("The upstream is simulated: calls are answered by the local simulator.")
+    if not settings.STRIPE_SECRET_KEY:
+        banners.append("Stripe is not configured: usage is not reported and no webhooks arrive.")
+    return render(request, template, {"banners": banners, **context})
+
+
+# --- Overview -----------------------------------------------------------------------
+
+
+@staff_only
+@require_http_methods(["GET"])
+def overview(request: HttpRequest) -> HttpResponse:
+    now = timezone.now()
+    holds = queries.holds_in_flight()
+    return _render(
+        request,
+        "console/overview.html",
+        {
+            "now": now,
+            "tenant_states": queries.tenants_by_state(now).items(),
+            "spend_today_usd": nanos_to_usd(queries.spend_today_nanos(now)),
+            "spend_period_usd": nanos_to_usd(queries.spend_this_period_nanos(now)),
+            "holds_count": holds.count,
+            "holds_usd": nanos_to_usd(holds.amount_nanos),
+            "top_spenders": queries.in_usd(queries.top_spenders(now)),
+            "events": queries.in_usd(queries.recent_events()),
+            "spikes": queries.in_usd(queries.recent_spikes()),
+            "chart": queries.hourly_chart(now),
+        },
+    )
+
+
+# --- Budgets ------------------------------------------------------------------------
+
+
+@staff_only
+@require_http_methods(["GET"])
+def budgets(request: HttpRequest) -> HttpResponse:
+    now = timezone.now()
+    q = request.GET.get("q", "").strip()[:200]
+    scope_type = request.GET.get("scope_type", "")
+    scope_type = scope_type if scope_type in ScopeType.values else ""
+    state = request.GET.get("state", "")
+    state = state if state in PeriodState.values else ""
+    page, rows = queries.budget_page(now, request.GET.get("page"), q, scope_type, state)
+    return _render(
+        request,
+        "console/budgets.html",
+        {
+            "page": page,
+            "rows": queries.in_usd(rows),
+            "q": q,
+            "scope_type": scope_type,
+            "state": state,
+            "scope_types": ScopeType.values,
+            "states": PeriodState.values,
+        },
+    )
+
+
+# --- Budget detail ------------------------------------------------------------------
+
+
+def _fraction_text(value: Decimal) -> str:
+    # normalize() alone would show 10 as "1E+1".
+    return format(value.normalize(), "f")
+
+
+class PolicyForm(forms.Form):
+    limit = forms.CharField(label="Limit (USD)", max_length=40)
+    window = forms.ChoiceField(choices=Window.choices)
+    warn_at = forms.CharField(max_length=20, help_text="Fraction of the limit, e.g. 0.5")
+    soft_cap = forms.CharField(max_length=20, help_text="Degrade from this fraction")
+    hard_cap = forms.CharField(max_length=20, help_text="Stop at this fraction")
+    disabled_tools = forms.CharField(
+        required=False, max_length=2000, help_text="Comma-separated tool names"
+    )
+
+    @classmethod
+    def of(cls, policy: BudgetPolicy) -> PolicyForm:
+        return cls(
+            initial={
+                "limit": nanos_to_usd(policy.limit_nanos),
+                "window": policy.window,
+                "warn_at": _fraction_text(policy.warn_at),
+                "soft_cap": _fraction_text(policy.soft_cap),
+                "hard_cap": _fraction_text(policy.hard_cap),
+                "disabled_tools": ", ".join(policy.disabled_tools),
+            }
+        )
+
+
+class ResetForm(forms.Form):
+    reason = forms.CharField(max_length=500, help_text="Recorded on the closed period")
+    confirm = forms.BooleanField(
+        label="I understand the spend of this period starts again from zero"
+    )
+
+
+# Service error field names as the form names them.
+_FORM_FIELD = {"limit": "limit", "limit_nanos": "limit", "window": "window"} | {
+    name: name for name in ("warn_at", "soft_cap", "hard_cap", "disabled_tools")
+}
+
+
+def _add_service_error(form: forms.Form, exc: InvalidRequest) -> None:
+    fields = exc.details.get("fields") or {}
+    placed = False
+    for name, problems in fields.items():
+        if name in _FORM_FIELD:
+            for problem in problems if isinstance(problems, list) else [problems]:
+                form.add_error(_FORM_FIELD[name], str(problem))
+            placed = True
+    if not placed:
+        form.add_error(None, exc.message)
+
+
+def _save_policy(policy: BudgetPolicy, form: PolicyForm) -> BudgetPolicy | None:
+    """Parse every field with the services' own parsers, then save through set_policy.
+    Returns None (and fills the form's errors) if anything is refused: nothing is saved."""
+    data = form.cleaned_data
+    parsed: dict = {}
+    for name, parse in (
+        ("limit", services.parse_limit),
+        ("warn_at", lambda v: services.parse_fraction("warn_at", v)),
+        ("soft_cap", lambda v: services.parse_fraction("soft_cap", v)),
+        ("hard_cap", lambda v: services.parse_fraction("hard_cap", v)),
+    ):
+        try:
+            parsed[name] = parse(data[name])
+        except InvalidRequest as exc:
+            form.add_error(name, exc.message)
+    if form.errors:
+        return None
+    tools = [t.strip() for t in data["disabled_tools"].split(",") if t.strip()]
+    try:
+        return services.set_policy(
+            policy.tenant,
+            policy.scope_type,
+            agent=policy.agent,
+            user_key=policy.user_key,
+            limit_nanos=parsed["limit"],
+            window=data["window"],
+            warn_at=parsed["warn_at"],
+            soft_cap=parsed["soft_cap"],
+            hard_cap=parsed["hard_cap"],
+            disabled_tools=tools,
+            enabled=policy.enabled,
+            strategy=policy.strategy,
+            velocity_limit_nanos=policy.velocity_limit_nanos,
+            auto_pause=policy.auto_pause,
+            source=PolicySource.OPERATOR,
+        )
+    except InvalidRequest as exc:
+        if "disabled_tools" in exc.message:
+            form.add_error("disabled_tools", exc.message)
+        else:
+            _add_service_error(form, exc)
+        return None
+
+
+@staff_only
+@require_http_methods(["GET", "POST"])
+def budget_detail(request: HttpRequest, scope_type: str, scope_key: str) -> HttpResponse:
+    policy = queries.policy_at(scope_type, scope_key) if scope_type in ScopeType.values else None
+    if policy is None:
+        raise Http404(f"No {scope_type} budget {scope_key!r}.")
+    policy_form, reset_form = PolicyForm.of(policy), ResetForm()
+    status = 200
+    if request.method == "POST":
+        action = request.POST.get("action")
+        if action == "policy":
+            policy_form = PolicyForm(request.POST)
+            if policy_form.is_valid() and _save_policy(policy, policy_form):
+                messages.success(request, "Policy saved.")
+                return redirect(request.path)
+        elif action == "reset":
+            reset_form = ResetForm(request.POST)
+            if reset_form.is_valid():
+                try:
+                    engine.reset(
+                        policy,
+                        reason=reset_form.cleaned_data["reason"],
+                        by=request.user.get_username(),
+                    )
+                except InvalidRequest as exc:
+                    reset_form.add_error(None, exc.message)
+                else:
+                    messages.success(request, "Budget reset: a new period has started.")
+                    return redirect(request.path)
+        else:
+            return HttpResponse("Unknown action.", status=400)
+        status = 400
+
+    now = timezone.now()
+    period = queries.current_period(policy, now)
+    response = _render(
+        request,
+        "console/budget_detail.html",
+        {
+            "policy": queries.InUsd(policy),
+            "period": queries.InUsd(period) if period else None,
+            "utilization": queries.percent(period.spent_nanos, period.limit_nanos) if period else 0,
+            "policy_form": policy_form,
+            "reset_form": reset_form,
+            "past_periods": queries.in_usd(queries.past_periods(policy, now)),
+            "ledger": queries.in_usd(queries.ledger(policy)),
+            "events": queries.in_usd(queries.policy_events(policy)),
+        },
+    )
+    response.status_code = status
+    return response
