@@ -258,3 +258,74 @@ def budget_detail(request: HttpRequest, scope_type: str, scope_key: str) -> Http
     )
     response.status_code = status
     return response
+
+
+# --- Agents -------------------------------------------------------------------------
+
+
+class PauseForm(forms.Form):
+    agent = forms.IntegerField(widget=forms.HiddenInput)
+    reason = forms.CharField(required=False, max_length=200)
+
+
+class ResumeForm(forms.Form):
+    agent = forms.IntegerField(widget=forms.HiddenInput)
+
+
+class RevokeForm(forms.Form):
+    key = forms.IntegerField(widget=forms.HiddenInput)
+    confirm = forms.BooleanField(label="I understand calls with this key are refused from now on")
+
+
+def _agent_action(request: HttpRequest) -> str | None:
+    """Perform the posted action. Returns the success message, or None after adding an
+    error message (the form was refused)."""
+    action = request.POST.get("action")
+    if action in ("pause", "resume"):
+        form = (PauseForm if action == "pause" else ResumeForm)(request.POST)
+        if not form.is_valid():
+            messages.error(request, "The request was not understood.")
+            return None
+        agent = queries.agent_by_id(form.cleaned_data["agent"])
+        if agent is None:
+            raise Http404("No such agent.")
+        reason = form.cleaned_data.get("reason", "").strip()
+        services.set_agent_paused(agent, action == "pause", reason)
+        return f"{agent} {'paused' if action == 'pause' else 'resumed'}."
+    if action == "revoke":
+        form = RevokeForm(request.POST)
+        if not form.is_valid():
+            if "confirm" in form.errors:
+                messages.error(request, "Tick the confirmation to revoke a key.")
+            else:
+                messages.error(request, "The request was not understood.")
+            return None
+        key = queries.key_by_id(form.cleaned_data["key"])
+        if key is None:
+            raise Http404("No such key.")
+        services.revoke_key(key)
+        return f"Key {key.prefix}… of {key.agent} revoked."
+    messages.error(request, "Unknown action.")
+    return None
+
+
+@staff_only
+@require_http_methods(["GET", "POST"])
+def agents(request: HttpRequest) -> HttpResponse:
+    status = 200
+    if request.method == "POST":
+        done = _agent_action(request)
+        if done is not None:
+            messages.success(request, done)
+            # Back to the same search and page (the form posts to the page's own URL).
+            return redirect(request.get_full_path())
+        status = 400
+    q = request.GET.get("q", "").strip()[:200]
+    page, rows = queries.agent_page(timezone.now(), request.GET.get("page"), q)
+    response = _render(
+        request,
+        "console/agents.html",
+        {"page": page, "rows": queries.in_usd(rows), "q": q},
+    )
+    response.status_code = status
+    return response

@@ -13,6 +13,8 @@ from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 
 from budgets.models import (
     STATE_SEVERITY,
+    Agent,
+    ApiKey,
     BudgetEvent,
     BudgetPeriod,
     BudgetPolicy,
@@ -306,3 +308,61 @@ class InUsd:
 
 def in_usd(rows) -> list[InUsd]:
     return [InUsd(row) for row in rows]
+
+
+# --- Agents -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    agent: Agent
+    keys: list[ApiKey]
+    spent_today_nanos: int
+    velocity_nanos: int  # spent in the last 60 minutes: nanodollars per hour
+
+
+def agents(q: str = "") -> QuerySet[Agent]:
+    found = Agent.objects.select_related("tenant").order_by(
+        "tenant__stripe_customer_id", "name", "pk"
+    )
+    if q:
+        found = found.filter(Q(tenant__stripe_customer_id__icontains=q) | Q(name__icontains=q))
+    return found
+
+
+def agent_page(now: datetime, page: str | int | None, q: str = "") -> tuple[Page, list[AgentRow]]:
+    """One page of agents (LIMIT/OFFSET in SQL), then their keys, spend today (hourly
+    rollups) and velocity (the ledger's last 60 minutes): one query each for the page."""
+    found = Paginator(agents(q), PAGE_SIZE).get_page(page)
+    page_agents = list(found.object_list)
+    ids = [a.pk for a in page_agents]
+    keys: dict[int, list[ApiKey]] = {}
+    for key in ApiKey.objects.filter(agent_id__in=ids).order_by("-created_at", "-pk"):
+        keys.setdefault(key.agent_id, []).append(key)
+    today = dict(
+        HourlyRollup.objects.filter(agent_id__in=ids, hour__gte=start_of_day(now))
+        .values("agent_id")
+        .annotate(s=Sum("cost_nanos"))
+        .order_by()
+        .values_list("agent_id", "s")
+    )
+    velocity = dict(
+        SpendEntry.objects.filter(agent_id__in=ids, created_at__gt=now - HOUR, created_at__lte=now)
+        .values("agent_id")
+        .annotate(s=Sum("cost_nanos"))
+        .order_by()
+        .values_list("agent_id", "s")
+    )
+    rows = [
+        AgentRow(a, keys.get(a.pk, []), today.get(a.pk) or 0, velocity.get(a.pk) or 0)
+        for a in page_agents
+    ]
+    return found, rows
+
+
+def agent_by_id(agent_id) -> Agent | None:
+    return Agent.objects.select_related("tenant").filter(pk=agent_id).first()
+
+
+def key_by_id(key_id) -> ApiKey | None:
+    return ApiKey.objects.select_related("agent__tenant").filter(pk=key_id).first()
