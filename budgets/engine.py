@@ -657,16 +657,16 @@ def materialize_periods(now: datetime | None = None, batch_size: int = 5000) -> 
     A handful of statements per batch; safe to run twice (the period key is unique)."""
     now = now or timezone.now()
     created = 0
-    fixed_windows = (Window.HOUR, Window.DAY, Window.WEEK, Window.MONTH)
+    in_sql: tuple[str, ...] = ()
     if connection.vendor == "postgresql":
         # Hour, day, week and month windows share their bounds across policies: one
         # INSERT ... SELECT each, thresholds computed exactly in numeric. (SQLite has no
         # exact decimal arithmetic; there, and for billing cycles, bounds are computed
         # in Python and inserted in bulk.)
-        for window in fixed_windows:
+        in_sql = (Window.HOUR, Window.DAY, Window.WEEK, Window.MONTH)
+        for window in in_sql:
             created += _insert_fixed_window_periods(window, now)
-    skip = fixed_windows if connection.vendor == "postgresql" else ()
-    created += _materialize_in_python(now, batch_size, skip=skip)
+    created += _materialize_in_python(now, batch_size, skip=in_sql)
     _record_window_resets(now)
     return created
 

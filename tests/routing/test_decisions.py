@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from budgets import engine, services
+from budgets import services
 from budgets.errors import AgentPaused, BudgetExceeded, InvalidRequest, SubscriptionInactive
 from budgets.models import ScopeType, Tenant
 from budgets.money import usd_to_nanos
@@ -29,22 +29,6 @@ def plan(key, request, request_id="req-1", **kwargs):
     return gateway.plan_call(key, request, request_id=request_id, **kwargs)
 
 
-def spend(acme, nanos):
-    scope = engine.state_of(acme)
-    small = get_catalog().resolve("ministral-3b")
-    tokens = nanos // small.prices.output_nanos
-    hold = engine.authorize(
-        scope,
-        request_id=f"spend-{nanos}",
-        model=small.id,
-        prices=small.prices,
-        input_tokens=0,
-        max_output_tokens=tokens,
-        min_output_tokens=1,
-    )
-    engine.capture(hold, prompt_tokens=0, completion_tokens=tokens)
-
-
 def test_an_active_budget_gets_the_requested_model(acme, key):
     services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("10"))
     decision = plan(key, body(max_tokens=500))
@@ -62,7 +46,7 @@ def test_without_max_tokens_the_hold_is_for_the_models_maximum_output(acme, key)
     assert decision.max_tokens == get_catalog().resolve("mistral-large").max_output_tokens
 
 
-def test_a_degraded_budget_downgrades_and_removes_disabled_tools(acme, key):
+def test_a_degraded_budget_downgrades_and_removes_disabled_tools(acme, key, spend):
     services.set_policy(
         acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("1"), disabled_tools=["web_search"]
     )
@@ -79,7 +63,7 @@ def test_a_degraded_budget_downgrades_and_removes_disabled_tools(acme, key):
     assert headers["X-Budget-State"] == "degraded"
 
 
-def test_removing_every_tool_drops_tool_choice(acme, key):
+def test_removing_every_tool_drops_tool_choice(acme, key, spend):
     services.set_policy(
         acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("1"), disabled_tools=["web_search"]
     )
@@ -128,7 +112,7 @@ def test_it_refuses_when_no_model_fits(acme, key):
     assert refused.value.scope_type == "tenant"
 
 
-def test_a_stopped_budget_refuses_before_anything_is_held(acme, key):
+def test_a_stopped_budget_refuses_before_anything_is_held(acme, key, spend):
     services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("0.01"))
     spend(acme, usd_to_nanos("0.01"))
     with pytest.raises(BudgetExceeded, match="used up") as refused:
@@ -168,7 +152,7 @@ def test_a_policy_strategy_applies_when_the_agent_has_none(acme, key):
     assert plan(key, body(model="ministral-3b-latest")).model.id == "mistral-large"
 
 
-def test_a_vision_request_is_never_downgraded_to_a_text_model(acme, key):
+def test_a_vision_request_is_never_downgraded_to_a_text_model(acme, key, spend):
     services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("1"))
     spend(acme, usd_to_nanos("0.85"))
     image = {
