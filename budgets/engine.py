@@ -18,11 +18,12 @@ from decimal import ROUND_FLOOR, Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, F, OuterRef, Q, Subquery
+from django.db.models import Exists, F, OuterRef, Subquery
 from django.utils import timezone
 
 from spend.models import SpendEntry
 
+from . import sql
 from .errors import (
     AgentPaused,
     BudgetExceeded,
@@ -116,7 +117,7 @@ def state_for(spent_nanos: int, warn_nanos: int, soft_nanos: int, hard_nanos: in
 
 
 def _events_for_transition(
-    period: BudgetPeriod, old: str, new: str, detail: str = ""
+    period_id: int, old: str, new: str, spent_nanos: int, limit_nanos: int, detail: str = ""
 ) -> list[BudgetEvent]:
     old_rank, new_rank = STATE_SEVERITY[old], STATE_SEVERITY[new]
     if new_rank < old_rank:
@@ -130,10 +131,10 @@ def _events_for_transition(
         ]
     return [
         BudgetEvent(
-            period=period,
+            period_id=period_id,
             kind=kind,
-            spent_nanos=period.spent_nanos,
-            limit_nanos=period.limit_nanos,
+            spent_nanos=spent_nanos,
+            limit_nanos=limit_nanos,
             detail=detail,
         )
         for kind in kinds
@@ -148,7 +149,9 @@ def _refresh_states(period_ids: Iterable[int], detail: str = "") -> list[BudgetP
     for period in periods:
         new = state_for(period.spent_nanos, period.warn_nanos, period.soft_nanos, period.hard_nanos)
         if new != period.state:
-            events += _events_for_transition(period, period.state, new, detail)
+            events += _events_for_transition(
+                period.pk, period.state, new, period.spent_nanos, period.limit_nanos, detail
+            )
             BudgetPeriod.objects.filter(pk=period.pk).update(state=new)
             period.state = new
     if events:
@@ -184,19 +187,20 @@ def _default_policy_values(scope_type: str, tenant: Tenant) -> dict | None:
     return {"limit_nanos": limit, "window": Window.DAY, "source": PolicySource.DEFAULT}
 
 
-def _matching_policies(tenant: Tenant, agent: Agent | None, user_key: str) -> list[BudgetPolicy]:
-    """Every policy that governs this call, creating the defaults for scopes that have
-    none. A disabled policy counts as the scope's choice: no default replaces it."""
+def _wanted_scopes(tenant: Tenant, agent: Agent | None, user_key: str) -> dict[str, tuple]:
+    """The scopes that govern a call: {scope type: (scope key, the policy's ties)}."""
     wanted = {ScopeType.TENANT: (tenant_scope_key(tenant), {})}
-    match = Q(scope_type=ScopeType.TENANT)
     if agent is not None:
         wanted[ScopeType.AGENT] = (agent_scope_key(agent), {"agent": agent})
-        match |= Q(scope_type=ScopeType.AGENT, agent=agent)
     if user_key:
         wanted[ScopeType.USER] = (user_scope_key(tenant, user_key), {"user_key": user_key})
-        match |= Q(scope_type=ScopeType.USER, user_key=user_key)
-    policies = list(BudgetPolicy.objects.filter(match, tenant=tenant))
-    found = {p.scope_type for p in policies}
+    return wanted
+
+
+def _default_policies(tenant: Tenant, wanted: dict[str, tuple], found: set[str]) -> list:
+    """The default policies of the wanted scopes that have none, created on first use.
+    A disabled policy counts as the scope's choice: no default replaces it."""
+    created = []
     for scope_type, (scope_key, ties) in wanted.items():
         if scope_type in found:
             continue
@@ -208,8 +212,8 @@ def _matching_policies(tenant: Tenant, agent: Agent | None, user_key: str) -> li
             scope_key=scope_key,
             defaults={"tenant": tenant, **ties, **values},
         )
-        policies.append(policy)
-    return [p for p in policies if p.enabled]
+        created.append(policy)
+    return created
 
 
 def open_period(policy: BudgetPolicy, now: datetime, tenant: Tenant | None = None) -> BudgetPeriod:
@@ -260,28 +264,6 @@ def open_period(policy: BudgetPolicy, now: datetime, tenant: Tenant | None = Non
         if period is None:
             raise
     return period
-
-
-def _open_periods(
-    policies: list[BudgetPolicy], tenant: Tenant, now: datetime
-) -> list[BudgetPeriod]:
-    if not policies:
-        return []
-    by_policy = {p.pk: p for p in policies}
-    periods = {
-        period.policy_id: period
-        for period in BudgetPeriod.objects.filter(
-            policy_id__in=by_policy,
-            closed_at__isnull=True,
-            window_start__lte=now,
-            window_end__gt=now,
-        ).order_by("window_start")
-    }
-    for policy_id, policy in by_policy.items():
-        if policy_id not in periods:
-            periods[policy_id] = open_period(policy, now, tenant)
-        periods[policy_id].policy = policy
-    return sorted(periods.values(), key=lambda p: p.pk)
 
 
 # --- The scope of a call ------------------------------------------------------------
@@ -359,11 +341,32 @@ def check_access(tenant: Tenant, agent: Agent | None) -> None:
 def state_of(
     tenant: Tenant, agent: Agent | None = None, user_key: str = "", now: datetime | None = None
 ) -> BudgetScope:
-    """The budgets that govern a call by this tenant, agent and end user, right now."""
+    """The budgets that govern a call by this tenant, agent and end user, right now:
+    one statement when every policy and its current period exist."""
     now = now or timezone.now()
     validate_user_key(user_key)
-    policies = _matching_policies(tenant, agent, user_key)
-    return BudgetScope(tenant, agent, user_key, now, _open_periods(policies, tenant, now))
+    policies: dict[int, BudgetPolicy] = {}
+    current: dict[int, BudgetPeriod] = {}
+    rows = sql.policies_with_open_periods(
+        tenant.pk, agent.pk if agent is not None else None, user_key, now
+    )
+    for policy, period in rows:  # ordered by window start: the latest open one wins
+        policies[policy.pk] = policy
+        if period is not None:
+            current[policy.pk] = period
+    wanted = _wanted_scopes(tenant, agent, user_key)
+    found = {p.scope_type for p in policies.values()}
+    for policy in _default_policies(tenant, wanted, found):
+        policies[policy.pk] = policy
+    periods = []
+    for policy in policies.values():
+        if not policy.enabled:
+            continue
+        period = current.get(policy.pk) or open_period(policy, now, tenant)
+        period.policy = policy
+        periods.append(period)
+    periods.sort(key=lambda p: p.pk)
+    return BudgetScope(tenant, agent, user_key, now, periods)
 
 
 def budget_exceeded(period: BudgetPeriod, message: str) -> BudgetExceeded:
@@ -474,34 +477,30 @@ def _place_hold(
     amount: int,
     ttl: timedelta,
 ) -> Hold:
+    ids = [period.pk for period in scope.periods]  # sorted by id: a fixed lock order
     with transaction.atomic():
-        for period in scope.periods:  # sorted by id: a fixed lock order
-            taken = (
-                BudgetPeriod.objects.filter(pk=period.pk, closed_at__isnull=True)
-                .alias(committed=F("spent_nanos") + F("held_nanos"))
-                .filter(committed__lte=F("hard_nanos") - amount)
-                .update(held_nanos=F("held_nanos") + amount)
+        taken = sql.take(ids, amount) if ids else {}
+        if len(taken) != len(ids):
+            raise _Refused(next(pk for pk in ids if pk not in taken))
+        hold = sql.insert(
+            Hold(
+                request_id=request_id,
+                tenant=scope.tenant,
+                agent=scope.agent,
+                user_key=scope.user_key,
+                model=model,
+                input_price_nanos=prices.input_nanos,
+                output_price_nanos=prices.output_nanos,
+                input_tokens=input_tokens,
+                max_output_tokens=granted,
+                amount_nanos=amount,
+                expires_at=scope.now + ttl,
             )
-            if taken != 1:
-                raise _Refused(period.pk)
-        hold = Hold.objects.create(
-            request_id=request_id,
-            tenant=scope.tenant,
-            agent=scope.agent,
-            user_key=scope.user_key,
-            model=model,
-            input_price_nanos=prices.input_nanos,
-            output_price_nanos=prices.output_nanos,
-            input_tokens=input_tokens,
-            max_output_tokens=granted,
-            amount_nanos=amount,
-            expires_at=scope.now + ttl,
         )
-        HoldLine.objects.bulk_create(
-            [HoldLine(hold=hold, period=p, amount_nanos=amount) for p in scope.periods]
-        )
+        if ids:
+            sql.insert_lines(hold.pk, ids, amount)
     for period in scope.periods:
-        period.held_nanos += amount
+        period.spent_nanos, period.held_nanos = taken[period.pk]
     return hold
 
 
@@ -543,12 +542,18 @@ def capture(
     """
     if prompt_tokens < 0 or completion_tokens < 0:
         raise InvalidRequest("token counts cannot be negative")
+    request_id = hold if isinstance(hold, str) else hold.request_id
     with transaction.atomic():
-        hold = _locked_hold(hold)
-        if hold.status == HoldStatus.CAPTURED:
-            return SpendEntry.objects.get(request_id=hold.request_id)
-        if hold.status == HoldStatus.VOIDED:
-            raise HoldConflict(f"authorization {hold.request_id} was voided; nothing to capture")
+        now = timezone.now()
+        claimed = sql.claim_hold(request_id, now)
+        if claimed is None:
+            locked = _locked_hold(request_id)
+            if locked.status == HoldStatus.CAPTURED:
+                return SpendEntry.objects.get(request_id=request_id)
+            if locked.status == HoldStatus.VOIDED:
+                raise HoldConflict(f"authorization {request_id} was voided; nothing to capture")
+            claimed = sql.claim_hold(request_id, now)  # placed since we looked; locked now
+        hold = claimed
         model_used = model or hold.model
         if prices is None:
             if model_used != hold.model:
@@ -556,30 +561,32 @@ def capture(
             prices = Prices(hold.input_price_nanos, hold.output_price_nanos)
         cost = prices.cost_nanos(prompt_tokens, completion_tokens)
         was_held = hold.status == HoldStatus.HELD
-        entry = SpendEntry.objects.create(
-            tenant_id=hold.tenant_id,
-            agent_id=hold.agent_id,
-            user_key=hold.user_key,
-            request_id=hold.request_id,
-            hold=hold,
-            model_requested=hold.model,
-            model_used=model_used,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            input_price_nanos=prices.input_nanos,
-            output_price_nanos=prices.output_nanos,
-            cost_nanos=cost,
-            held_nanos=hold.amount_nanos,
-            over_hold=cost > hold.amount_nanos or not was_held,
-            usage_estimated=usage_estimated,
-            latency_ms=latency_ms,
+        entry = sql.insert(
+            SpendEntry(
+                tenant_id=hold.tenant_id,
+                agent_id=hold.agent_id,
+                user_key=hold.user_key,
+                request_id=hold.request_id,
+                hold=hold,
+                model_requested=hold.model,
+                model_used=model_used,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                input_price_nanos=prices.input_nanos,
+                output_price_nanos=prices.output_nanos,
+                cost_nanos=cost,
+                held_nanos=hold.amount_nanos,
+                over_hold=cost > hold.amount_nanos or not was_held,
+                usage_estimated=usage_estimated,
+                latency_ms=latency_ms,
+            )
         )
-        lines = list(hold.lines.all())
-        _release(lines, spent_nanos=cost, release_hold=was_held)
-        Hold.objects.filter(pk=hold.pk).update(
-            status=HoldStatus.CAPTURED, finished_at=timezone.now()
-        )
-        _refresh_states(line.period_id for line in lines)
+        events = []
+        for period_id, old, new, spent, limit in sql.charge(hold.pk, cost, was_held):
+            if old != new:
+                events += _events_for_transition(period_id, old, new, spent, limit)
+        if events:
+            BudgetEvent.objects.bulk_create(events, ignore_conflicts=True)
     return entry
 
 

@@ -297,7 +297,15 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 # Seconds an authenticated key (with its agent and tenant) is cached by a web process:
 # a revocation, pause or suspension takes effect within this long.
 KEY_CACHE_SECONDS = _setting("KEY_CACHE_SECONDS", env.int, 5)
-for _name in ("MISTRAL_TIMEOUT_MS", "CIRCUIT_BREAKER_FAILURES", "GATEWAY_MAX_BODY_BYTES"):
+# Threads per web process that run the gateway's database work, each with its own
+# connection: the most database connections one web process opens for the gateway.
+GATEWAY_DB_THREADS = _setting("GATEWAY_DB_THREADS", env.int, 8)
+for _name in (
+    "MISTRAL_TIMEOUT_MS",
+    "CIRCUIT_BREAKER_FAILURES",
+    "GATEWAY_MAX_BODY_BYTES",
+    "GATEWAY_DB_THREADS",
+):
     if globals()[_name] <= 0:
         raise ImproperlyConfigured(f"{_name}: must be a positive number")
 if CIRCUIT_BREAKER_COOLDOWN_SECONDS < 0 or KEY_CACHE_SECONDS < 0:

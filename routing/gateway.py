@@ -40,13 +40,21 @@ _key_cache: dict[str, tuple[float, ApiKey]] = {}
 _key_cache_lock = threading.Lock()
 
 
-def authenticate(raw_key: str) -> ApiKey:
-    """The key, its agent and tenant, cached for KEY_CACHE_SECONDS per process."""
-    now = time.monotonic()
+def cached_key(raw_key: str) -> ApiKey | None:
+    """The key if this process checked it less than KEY_CACHE_SECONDS ago (no database)."""
     with _key_cache_lock:
         cached = _key_cache.get(raw_key)
-    if cached is not None and cached[0] > now:
+    if cached is not None and cached[0] > time.monotonic():
         return cached[1]
+    return None
+
+
+def authenticate(raw_key: str) -> ApiKey:
+    """The key, its agent and tenant, cached for KEY_CACHE_SECONDS per process."""
+    cached = cached_key(raw_key)
+    if cached is not None:
+        return cached
+    now = time.monotonic()
     key = services.authenticate_key(raw_key)
     if settings.KEY_CACHE_SECONDS:
         with _key_cache_lock:

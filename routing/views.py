@@ -7,16 +7,19 @@ work (the budget engine) runs in a thread pool, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import json
 import logging
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from mistralai.client.errors import MistralError
@@ -33,13 +36,21 @@ from .catalog import get_catalog
 log = logging.getLogger("governance.gateway")
 
 
-def in_thread(function):
-    """Run a database function in a worker thread.
+# Database work of gateway calls runs here, off the event loop. Each thread keeps its own
+# connection (CONN_MAX_AGE), so this is also the most connections one web process opens
+# for the gateway.
+_db_threads = ThreadPoolExecutor(
+    max_workers=settings.GATEWAY_DB_THREADS, thread_name_prefix="gateway-db"
+)
 
-    thread_sensitive=False: engine calls from concurrent requests run in parallel threads
-    instead of queueing on Django's single sync thread. Those threads never see Django's
-    request signals, so they tidy their own connections: close_old_connections() drops a
-    broken connection and applies CONN_MAX_AGE, as it would at the end of a request.
+
+def in_thread(function):
+    """Run a database function in one of the gateway's database threads.
+
+    Calls from concurrent requests run in parallel threads instead of queueing on
+    Django's single sync thread. Those threads never see Django's request signals, so
+    they tidy their own connections: close_old_connections() drops a broken connection
+    and applies CONN_MAX_AGE, as it would at the end of a request.
     """
 
     def run(*args, **kwargs):
@@ -48,7 +59,37 @@ def in_thread(function):
         finally:
             close_old_connections()
 
-    return sync_to_async(run, thread_sensitive=False)
+    async def call(*args, **kwargs):
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            _db_threads, functools.partial(context.run, run, *args, **kwargs)
+        )
+
+    return call
+
+
+def close_db_connections() -> None:
+    """Close the database connection of every gateway thread (tests; a process that
+    ends closes them anyway). One task per thread: each waits for the others, so no
+    thread runs two."""
+    count = _db_threads._max_workers
+    barrier = threading.Barrier(count)
+
+    def close() -> None:
+        barrier.wait(timeout=10)
+        connections.close_all()
+
+    for future in [_db_threads.submit(close) for _ in range(count)]:
+        future.result()
+
+
+def new_request_id() -> str:
+    return f"gw-{uuid.uuid4().hex}"
+
+
+async def authenticate(raw_key: str) -> ApiKey:
+    """The key from the per-process cache, or from the database in a thread."""
+    return gateway.cached_key(raw_key) or await in_thread(gateway.authenticate)(raw_key)
 
 
 class RequestTooLarge(GovernanceError):
@@ -259,7 +300,7 @@ def _record_failed(
 
 @csrf_exempt
 async def chat_completions(request: HttpRequest) -> HttpResponse:
-    request_id = f"gw-{uuid.uuid4().hex}"
+    request_id = new_request_id()
     try:
         return await _chat_completions(request, request_id)
     except Exception:
@@ -276,7 +317,7 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
         return error_response("method_not_allowed", "use POST", 405, request_id)
     key = plan = None
     try:
-        key = await in_thread(gateway.authenticate)(bearer_key(request))
+        key = await authenticate(bearer_key(request))
         original = gateway.validate_chat_request(read_json(request))
         user_key = request.headers.get("X-End-User", "").strip()
         plan = await in_thread(gateway.plan_call)(
@@ -382,9 +423,9 @@ async def _settle(plan, stream, usage, seen_bytes: int, started: float) -> None:
 
 
 async def list_models(request: HttpRequest) -> HttpResponse:
-    request_id = f"gw-{uuid.uuid4().hex}"
+    request_id = new_request_id()
     try:
-        await in_thread(gateway.authenticate)(bearer_key(request))
+        await authenticate(bearer_key(request))
     except GovernanceError as exc:
         return governance_error(exc, request_id)
     catalog = get_catalog()

@@ -26,6 +26,16 @@ def _missing_service(what: str) -> None:
     pytest.skip(f"{what} not configured")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gateway_db_threads(django_db_setup):
+    """The gateway's database threads keep their connections between calls; close them
+    before the test database is dropped."""
+    yield
+    from routing.views import close_db_connections
+
+    close_db_connections()
+
+
 @pytest.fixture
 def require_postgres():
     if connection.vendor != "postgresql":

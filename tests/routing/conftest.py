@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from django.core.asgi import get_asgi_application
 
 from budgets import services
+from governance.asgi import application
 from routing import gateway, upstream
 from routing.simulator import running_simulator
 from tests.asgi_server import serving
@@ -40,7 +40,7 @@ def gateway_url(transactional_db, settings):
     upstream.reset_client()
     upstream.breaker.reset()
     gateway.forget_keys()
-    with serving(get_asgi_application()) as url:
+    with serving(application) as url:
         yield url
     database["CONN_MAX_AGE"] = max_age
     upstream.reset_client()

@@ -279,6 +279,47 @@ def test_an_oversized_body_is_refused_with_413(gateway_url, simulator, settings,
     assert response.json()["code"] == "request_too_large"
 
 
+def test_an_oversized_body_without_a_length_is_refused_without_keeping_it(
+    gateway_url, simulator, settings, acme_key
+):
+    """A chunked body has no Content-Length to check first: the gateway's ASGI handler
+    counts what arrives and keeps nothing past the limit."""
+    simulator()
+    settings.GATEWAY_MAX_BODY_BYTES = 10_000
+    body = json.dumps(
+        {"model": "mistral-small-latest", "messages": [{"role": "user", "content": "x" * 50_000}]}
+    ).encode()
+
+    def chunks():
+        for start in range(0, len(body), 4096):
+            yield body[start : start + 4096]
+
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}", "Content-Type": "application/json"},
+        content=chunks(),
+    )
+    assert response.status_code == 413
+    assert response.json()["code"] == "request_too_large"
+    assert response.headers["X-Request-Id"].startswith("gw-")
+    assert upstream_requests(settings.MISTRAL_SERVER_URL) == []
+
+
+def test_gateway_responses_are_not_sniffed(gateway_url, simulator, acme_key):
+    simulator()
+    assert chat(gateway_url, acme_key).headers["X-Content-Type-Options"] == "nosniff"
+    assert chat(gateway_url, "sk_bad").headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_other_paths_go_through_django_and_its_middleware(gateway_url):
+    """Only the gateway's own paths skip Django's middleware: the admin keeps its
+    clickjacking and security headers, and a path near the gateway's is not served by it."""
+    login = httpx2.get(f"{gateway_url}/admin/login/")
+    assert login.status_code == 200
+    assert login.headers["X-Frame-Options"] == "DENY"
+    assert httpx2.get(f"{gateway_url}/v1/chat/completions/extra").status_code == 404
+
+
 def test_a_wrong_content_type_is_refused(gateway_url, simulator, acme_key):
     simulator()
     response = httpx2.post(

@@ -1,0 +1,64 @@
+"""A governed call costs a handful of statements (the issue's "a handful of database
+round trips at most"), however many budgets govern it."""
+
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from budgets import engine, services
+from budgets.models import BudgetEvent, EventKind, ScopeType
+from budgets.money import Prices
+
+PRICES = Prices(100, 1000)
+
+
+def statements(captured) -> list[str]:
+    """The statements sent, without transaction control (BEGIN, COMMIT, SAVEPOINT)."""
+    control = ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE", "ROLLBACK")
+    return [q["sql"] for q in captured if not q["sql"].upper().startswith(control)]
+
+
+def test_a_call_governed_by_three_budgets_takes_a_handful_of_statements(
+    acme, invoice_bot, now
+):
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=1_000_000, now=now)
+    services.set_policy(acme, ScopeType.AGENT, agent=invoice_bot, limit_nanos=500_000, now=now)
+    services.set_policy(acme, ScopeType.USER, user_key="u-1", limit_nanos=100_000, now=now)
+    engine.state_of(acme, invoice_bot, "u-1", now=now)  # opens the periods
+
+    with CaptureQueriesContext(connection) as read:
+        scope = engine.state_of(acme, invoice_bot, "u-1", now=now)
+    with CaptureQueriesContext(connection) as held:
+        hold = engine.authorize(
+            scope,
+            request_id="r-1",
+            model="mistral-small-latest",
+            prices=PRICES,
+            input_tokens=10,
+            max_output_tokens=50,
+        )
+    with CaptureQueriesContext(connection) as charged:
+        engine.capture(hold, prompt_tokens=10, completion_tokens=40)
+
+    assert len(scope.periods) == 3
+    assert len(statements(read)) == 1
+    assert len(statements(held)) == 3  # take the periods, the hold, its lines
+    assert len(statements(charged)) <= 5  # claim (2), ledger row, periods (1, SQLite 2)
+
+
+def test_a_capture_that_crosses_thresholds_records_each_once(acme, now):
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=100_000, now=now)
+    scope = engine.state_of(acme, now=now)
+    hold = engine.authorize(
+        scope,
+        request_id="r-1",
+        model="mistral-small-latest",
+        prices=PRICES,
+        input_tokens=0,
+        max_output_tokens=90,
+    )
+    engine.capture(hold, prompt_tokens=0, completion_tokens=90)  # 90% of the limit
+
+    (period,) = engine.state_of(acme, now=now).periods
+    assert period.state == "degraded"
+    kinds = set(BudgetEvent.objects.filter(period=period).values_list("kind", flat=True))
+    assert kinds == {EventKind.WARNED, EventKind.DEGRADED}
