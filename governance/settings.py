@@ -237,6 +237,8 @@ LOGGING = {
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="").upper() or "INFO"},
+    # The upstream client logs every request at INFO; the gateway logs each call itself.
+    "loggers": {"httpx2": {"level": "WARNING"}, "httpcore2": {"level": "WARNING"}},
 }
 
 # --- Operator API -------------------------------------------------------------------

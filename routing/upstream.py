@@ -130,6 +130,45 @@ def _run_sdk_hooks_inline() -> None:
 
 _run_sdk_hooks_inline()
 
+
+def _keep_lazy_sdk_attributes() -> None:
+    """The SDK's packages resolve their attributes lazily (PEP 562 __getattr__), and
+    never keep them: every `models.X` in a request re-ran import_module, ~30 times per
+    call. Keep each attribute on its package once resolved."""
+    from mistralai.client import errors, models, utils
+
+    for package in (models, errors, utils):
+        resolve = package.__getattr__
+
+        def keep(name, _resolve=resolve, _package=package):
+            value = _resolve(name)
+            setattr(_package, name, value)
+            return value
+
+        package.__getattr__ = keep
+
+
+_keep_lazy_sdk_attributes()
+
+
+def _skip_sdk_iterable_coercion() -> None:
+    """Before validating request fields, the SDK walks each value against its type to
+    turn tuples and generators into lists. Our request bodies come from json.loads, so
+    they hold lists already; the walk (a few thousand calls per request) is skipped."""
+    from mistralai.client import utils
+    from mistralai.client.utils import serializers
+
+    def get_pydantic_model(data, typ):
+        if serializers._contains_pydantic_model(data):
+            return serializers._coerce_iterables_for_type(data, typ)
+        return serializers.unmarshal(data, typ, coerce_iterables=False)
+
+    serializers.get_pydantic_model = get_pydantic_model
+    utils.get_pydantic_model = get_pydantic_model
+
+
+_skip_sdk_iterable_coercion()
+
 _client: Mistral | None = None
 _client_lock = threading.Lock()
 
