@@ -41,8 +41,13 @@ def test_a_call_governed_by_three_budgets_takes_a_handful_of_statements(
 
     assert len(scope.periods) == 3
     assert len(statements(read)) == 1
-    assert len(statements(held)) == 3  # take the periods, the hold, its lines
-    assert len(statements(charged)) <= 5  # claim (2), ledger row, periods (1, SQLite 2)
+    if connection.vendor == "postgresql":
+        # One statement each (data-modifying CTEs), so in autocommit one round trip.
+        assert len(statements(held)) == 1
+        assert len(statements(charged)) == 1
+    else:
+        assert len(statements(held)) == 3  # take the periods, the hold, its lines
+        assert len(statements(charged)) == 5  # claim (2), ledger row, periods (2)
 
 
 def test_a_capture_that_crosses_thresholds_records_each_once(acme, now):
