@@ -135,6 +135,56 @@ def parse_wrk(out: str) -> dict:
     return result
 
 
+def measure_latency(env, url: str, sim_port: int, gw_port: int, key: str, seconds: int) -> dict:
+    """The same request straight to the simulator and through the gateway, 1 client."""
+    with gateway(env, gw_port, workers=1):
+        direct_url = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
+        wrk(url, key, threads=1, connections=1, seconds=3)  # warm up
+        direct = wrk(direct_url, key, threads=1, connections=1, seconds=seconds)
+        governed = wrk(url, key, threads=1, connections=1, seconds=seconds)
+    return {
+        "direct_p50_ms": direct["p50_ms"],
+        "direct_p99_ms": direct["p99_ms"],
+        "gateway_p50_ms": governed["p50_ms"],
+        "gateway_p99_ms": governed["p99_ms"],
+        "overhead_p50_ms": round(governed["p50_ms"] - direct["p50_ms"], 3),
+        "overhead_p99_ms": round(governed["p99_ms"] - direct["p99_ms"], 3),
+        "one_client_errors": governed["non_2xx"] + governed["socket_errors"],
+    }
+
+
+def measure_load(env, url: str, gw_port: int, key: str, seconds: int, workers: int) -> dict:
+    """Governed calls per second with 50 concurrent clients."""
+    with gateway(env, gw_port, workers=workers):
+        wrk(url, key, threads=2, connections=50, seconds=3)  # warm up every worker
+        load = wrk(url, key, threads=2, connections=50, seconds=seconds)
+    return {
+        "calls_per_second_50_clients": load["rps"],
+        "p50_ms_50_clients": load["p50_ms"],
+        "load_errors": load["non_2xx"] + load["socket_errors"],
+    }
+
+
+def measure_streams(env, url: str, gw_port: int, key: str, args) -> dict:
+    """Streaming calls held open at once against an upstream that sends a token every
+    100 ms (30 tokens: about 3 s a stream)."""
+    with gateway(env, gw_port, workers=args.workers):
+        streams = wrk(
+            url,
+            key,
+            threads=2,
+            connections=args.streams,
+            seconds=args.seconds,
+            body={**BODY, "stream": True, "max_tokens": 30},
+        )
+    return {
+        "streams_open": args.streams,
+        "stream_calls_completed": streams["requests"],
+        "stream_p50_ms": streams["p50_ms"],
+        "stream_errors": streams["non_2xx"] + streams["socket_errors"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,6 +195,9 @@ def main() -> None:
         "--workers", type=int, default=2, help="uvicorn workers for the throughput run"
     )
     parser.add_argument("--streams", type=int, default=1000, help="0: skip the streaming run")
+    parser.add_argument(
+        "--only-streams", action="store_true", help="skip the latency and throughput runs"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="sg-bench-"))
@@ -156,7 +209,6 @@ def main() -> None:
         "MISTRAL_API_KEY": "bench",
         "MISTRAL_SERVER_URL": f"http://127.0.0.1:{sim_port}",
         "DEFAULT_DAILY_BUDGET": "1000000",
-        "LOG_LEVEL": "WARNING",
     }
     manage(env, "migrate", "-v0")
     customer = f"cus_bench{int(time.time())}"
@@ -169,48 +221,15 @@ def main() -> None:
     engine = "PostgreSQL" if database_url.startswith("postgres") else "SQLite"
     results: dict[str, object] = {"database": engine, "cpus": os.cpu_count()}
 
-    with simulator(env, sim_port):
-        with gateway(env, gw_port, workers=1):
-            url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
-            direct_url = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
-            wrk(url, key, threads=1, connections=1, seconds=3)  # warm up
-            direct = wrk(direct_url, key, threads=1, connections=1, seconds=args.seconds)
-            governed = wrk(url, key, threads=1, connections=1, seconds=args.seconds)
-            results["direct_p50_ms"], results["direct_p99_ms"] = direct["p50_ms"], direct["p99_ms"]
-            results["gateway_p50_ms"], results["gateway_p99_ms"] = (
-                governed["p50_ms"],
-                governed["p99_ms"],
-            )
-            results["overhead_p50_ms"] = round(governed["p50_ms"] - direct["p50_ms"], 3)
-            results["overhead_p99_ms"] = round(governed["p99_ms"] - direct["p99_ms"], 3)
-            results["one_client_errors"] = governed["non_2xx"] + governed["socket_errors"]
-        with gateway(env, gw_port, workers=args.workers):
-            load = wrk(url, key, threads=2, connections=50, seconds=args.seconds)
-            results["calls_per_second_50_clients"] = load["rps"]
-            results["load_errors"] = load["non_2xx"] + load["socket_errors"]
-
-    if not args.streams:
-        print(json.dumps(results, indent=2))
-        return
-    slow_env = {**env, "MISTRAL_SERVER_URL": f"http://127.0.0.1:{slow_port}"}
-    with (
-        simulator(slow_env, slow_port, "--token-latency-ms", "100"),
-        gateway(slow_env, gw_port, workers=args.workers),
-    ):
-        stream_body = {**BODY, "stream": True, "max_tokens": 30}
-        streams = wrk(
-            url,
-            key,
-            threads=2,
-            connections=args.streams,
-            seconds=args.seconds,
-            body=stream_body,
-        )
-        results["streams_open"] = args.streams
-        results["stream_calls_completed"] = streams["requests"]
-        results["stream_p50_ms"] = streams["p50_ms"]
-        results["stream_errors"] = streams["non_2xx"] + streams["socket_errors"]
-
+    url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
+    if not args.only_streams:
+        with simulator(env, sim_port):
+            results |= measure_latency(env, url, sim_port, gw_port, key, args.seconds)
+            results |= measure_load(env, url, gw_port, key, args.seconds, args.workers)
+    if args.streams:
+        slow_env = {**env, "MISTRAL_SERVER_URL": f"http://127.0.0.1:{slow_port}"}
+        with simulator(slow_env, slow_port, "--token-latency-ms", "100"):
+            results |= measure_streams(slow_env, url, gw_port, key, args)
     print(json.dumps(results, indent=2))
 
 

@@ -268,6 +268,11 @@ def _dump(model: Any) -> dict[str, Any]:
     return model.model_dump(mode="json", by_alias=True)
 
 
+def _json(model: Any) -> str:
+    """The model as the JSON the upstream sent (pydantic serializes it in one step)."""
+    return model.model_dump_json(by_alias=True)
+
+
 def _record_served(request_id: str, plan: gateway.CallPlan, cost_nanos: int | None = None) -> None:
     """Count and log a call that went upstream (a stream's cost is not known yet)."""
     outcome = metrics.Outcome.DOWNGRADED if plan.downgraded_from else metrics.Outcome.ALLOWED
@@ -372,7 +377,7 @@ def _streaming_response(plan: gateway.CallPlan, stream, started: float) -> Strea
                         seen_bytes += len(content.encode())
                 if chunk.usage is not None:
                     usage = chunk.usage
-                yield f"data: {json.dumps(_dump(chunk))}\n\n".encode()
+                yield f"data: {_json(chunk)}\n\n".encode()
             # Charge before [DONE], so an agent that saw the end sees its ledger row.
             settled = True
             await asyncio.shield(_settle(plan, stream, usage, seen_bytes, started))
