@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format migrate check-python clean worker beat
+.PHONY: run test lint format migrate check-python clean worker beat vendor-static
 
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; set PYTHON=/path/to/python3.11")'
@@ -58,6 +58,11 @@ lint: $(VENV)/.installed-dev
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The console's JavaScript (Chart.js, htmx) is committed under governance/static/vendor/;
+# this downloads the pinned versions again from the npm registry and verifies them.
+vendor-static: | check-python
+	$(PYTHON) scripts/vendor_static.py
 
 clean:
 	rm -rf $(VENV) var/static

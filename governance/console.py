@@ -4,15 +4,17 @@ call one query or service function, and render; budgets/ holds the rules."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from decimal import Decimal
 from functools import wraps
+from urllib.parse import urlencode
 
 from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -24,6 +26,7 @@ from budgets.models import BudgetPolicy, PeriodState, PolicySource, ScopeType, W
 from budgets.money import nanos_to_usd
 
 from . import console_queries as queries
+from . import console_spend as spend
 
 # --- Access -------------------------------------------------------------------------
 
@@ -43,6 +46,43 @@ def staff_only(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]
     return wrapped
 
 
+def staff_only_fragment(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """A piece of a page that htmx fetches again every few seconds. A redirect would be
+    followed by the browser and swap the login form into the page, so an anonymous
+    visitor (a session that expired) gets 403 with HX-Refresh: htmx then reloads the
+    whole page, which sends the visitor to the login page."""
+
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if not request.user.is_authenticated:
+            response = HttpResponseForbidden("Signed out: reload the page to sign in again.")
+            response["HX-Refresh"] = "true"
+            return response
+        if not (request.user.is_active and request.user.is_staff):
+            raise PermissionDenied("The console is for staff.")
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+def _live(request: HttpRequest, name: str, *args) -> dict:
+    """What a page's live region needs: the fragment to fetch (with the page's own query
+    string) and how often."""
+    url = reverse(f"console:{name}-fragment", args=args)
+    query = request.GET.urlencode()
+    return {
+        "fragment_url": f"{url}?{query}" if query else url,
+        "refresh_seconds": settings.CONSOLE_REFRESH_SECONDS,
+        "updated_at": timezone.now(),
+    }
+
+
+def _fragment(
+    request: HttpRequest, template: str, context: dict, status: int = 200
+) -> HttpResponse:
+    return render(request, template, {"fragment": True, **context}, status=status)
+
+
 def _render(request: HttpRequest, template: str, context: dict) -> HttpResponse:
     banners = []
     if settings.UPSTREAM_SIMULATED:
@@ -55,55 +95,67 @@ def _render(request: HttpRequest, template: str, context: dict) -> HttpResponse:
 # --- Overview -----------------------------------------------------------------------
 
 
+def _overview(now: datetime) -> dict:
+    holds = queries.holds_in_flight()
+    return {
+        "now": now,
+        "tenant_states": queries.tenants_by_state(now).items(),
+        "spend_today_usd": nanos_to_usd(queries.spend_today_nanos(now)),
+        "spend_period_usd": nanos_to_usd(queries.spend_this_period_nanos(now)),
+        "holds_count": holds.count,
+        "holds_usd": nanos_to_usd(holds.amount_nanos),
+        "top_spenders": queries.in_usd(queries.top_spenders(now)),
+        "events": queries.in_usd(queries.recent_events()),
+        "spikes": queries.in_usd(queries.recent_spikes()),
+        "chart": spend.recent_series(now),
+    }
+
+
 @staff_only
 @require_http_methods(["GET"])
 def overview(request: HttpRequest) -> HttpResponse:
-    now = timezone.now()
-    holds = queries.holds_in_flight()
-    return _render(
-        request,
-        "console/overview.html",
-        {
-            "now": now,
-            "tenant_states": queries.tenants_by_state(now).items(),
-            "spend_today_usd": nanos_to_usd(queries.spend_today_nanos(now)),
-            "spend_period_usd": nanos_to_usd(queries.spend_this_period_nanos(now)),
-            "holds_count": holds.count,
-            "holds_usd": nanos_to_usd(holds.amount_nanos),
-            "top_spenders": queries.in_usd(queries.top_spenders(now)),
-            "events": queries.in_usd(queries.recent_events()),
-            "spikes": queries.in_usd(queries.recent_spikes()),
-            "chart": queries.hourly_chart(now),
-        },
-    )
+    context = _overview(timezone.now()) | _live(request, "overview")
+    return _render(request, "console/overview.html", context)
+
+
+@staff_only_fragment
+@require_http_methods(["GET"])
+def overview_fragment(request: HttpRequest) -> HttpResponse:
+    context = _overview(timezone.now()) | _live(request, "overview")
+    return _fragment(request, "console/fragments/overview.html", context)
 
 
 # --- Budgets ------------------------------------------------------------------------
 
 
-@staff_only
-@require_http_methods(["GET"])
-def budgets(request: HttpRequest) -> HttpResponse:
-    now = timezone.now()
+def _budgets(request: HttpRequest) -> dict:
     q = request.GET.get("q", "").strip()[:200]
     scope_type = request.GET.get("scope_type", "")
     scope_type = scope_type if scope_type in ScopeType.values else ""
     state = request.GET.get("state", "")
     state = state if state in PeriodState.values else ""
-    page, rows = queries.budget_page(now, request.GET.get("page"), q, scope_type, state)
-    return _render(
-        request,
-        "console/budgets.html",
-        {
-            "page": page,
-            "rows": queries.in_usd(rows),
-            "q": q,
-            "scope_type": scope_type,
-            "state": state,
-            "scope_types": ScopeType.values,
-            "states": PeriodState.values,
-        },
-    )
+    page, rows = queries.budget_page(timezone.now(), request.GET.get("page"), q, scope_type, state)
+    return {
+        "page": page,
+        "rows": queries.in_usd(rows),
+        "q": q,
+        "scope_type": scope_type,
+        "state": state,
+        "scope_types": ScopeType.values,
+        "states": PeriodState.values,
+    } | _live(request, "budgets")
+
+
+@staff_only
+@require_http_methods(["GET"])
+def budgets(request: HttpRequest) -> HttpResponse:
+    return _render(request, "console/budgets.html", _budgets(request))
+
+
+@staff_only_fragment
+@require_http_methods(["GET"])
+def budgets_fragment(request: HttpRequest) -> HttpResponse:
+    return _fragment(request, "console/fragments/budgets.html", _budgets(request))
 
 
 # --- Budget detail ------------------------------------------------------------------
@@ -207,12 +259,40 @@ def _save_policy(policy: BudgetPolicy, form: PolicyForm) -> BudgetPolicy | None:
         return None
 
 
-@staff_only
-@require_http_methods(["GET", "POST"])
-def budget_detail(request: HttpRequest, scope_type: str, scope_key: str) -> HttpResponse:
+def _policy_or_404(scope_type: str, scope_key: str) -> BudgetPolicy:
     policy = queries.policy_at(scope_type, scope_key) if scope_type in ScopeType.values else None
     if policy is None:
         raise Http404(f"No {scope_type} budget {scope_key!r}.")
+    return policy
+
+
+def _budget_detail(request: HttpRequest, policy: BudgetPolicy) -> dict:
+    now = timezone.now()
+    period = queries.current_period(policy, now)
+    return {
+        "policy": queries.InUsd(policy),
+        "period": queries.InUsd(period) if period else None,
+        "utilization": queries.percent(period.spent_nanos, period.limit_nanos) if period else 0,
+        "chart": spend.period_series(policy, period) if period else None,
+        "past_periods": queries.in_usd(queries.past_periods(policy, now)),
+        "ledger": queries.in_usd(queries.ledger(policy)),
+        "events": queries.in_usd(queries.policy_events(policy)),
+    } | _live(request, "budget-detail", policy.scope_type, policy.scope_key)
+
+
+@staff_only_fragment
+@require_http_methods(["GET"])
+def budget_detail_fragment(request: HttpRequest, scope_type: str, scope_key: str) -> HttpResponse:
+    policy = _policy_or_404(scope_type, scope_key)
+    return _fragment(
+        request, "console/fragments/budget_detail.html", _budget_detail(request, policy)
+    )
+
+
+@staff_only
+@require_http_methods(["GET", "POST"])
+def budget_detail(request: HttpRequest, scope_type: str, scope_key: str) -> HttpResponse:
+    policy = _policy_or_404(scope_type, scope_key)
     policy_form, reset_form = PolicyForm.of(policy), ResetForm()
     status = 200
     if request.method == "POST":
@@ -240,21 +320,10 @@ def budget_detail(request: HttpRequest, scope_type: str, scope_key: str) -> Http
             return HttpResponse("Unknown action.", status=400)
         status = 400
 
-    now = timezone.now()
-    period = queries.current_period(policy, now)
     response = _render(
         request,
         "console/budget_detail.html",
-        {
-            "policy": queries.InUsd(policy),
-            "period": queries.InUsd(period) if period else None,
-            "utilization": queries.percent(period.spent_nanos, period.limit_nanos) if period else 0,
-            "policy_form": policy_form,
-            "reset_form": reset_form,
-            "past_periods": queries.in_usd(queries.past_periods(policy, now)),
-            "ledger": queries.in_usd(queries.ledger(policy)),
-            "events": queries.in_usd(queries.policy_events(policy)),
-        },
+        {"policy_form": policy_form, "reset_form": reset_form} | _budget_detail(request, policy),
     )
     response.status_code = status
     return response
@@ -320,12 +389,63 @@ def agents(request: HttpRequest) -> HttpResponse:
             # Back to the same search and page (the form posts to the page's own URL).
             return redirect(request.get_full_path())
         status = 400
-    q = request.GET.get("q", "").strip()[:200]
-    page, rows = queries.agent_page(timezone.now(), request.GET.get("page"), q)
-    response = _render(
-        request,
-        "console/agents.html",
-        {"page": page, "rows": queries.in_usd(rows), "q": q},
-    )
+    response = _render(request, "console/agents.html", _agents(request))
     response.status_code = status
     return response
+
+
+def _agents(request: HttpRequest) -> dict:
+    q = request.GET.get("q", "").strip()[:200]
+    page, rows = queries.agent_page(timezone.now(), request.GET.get("page"), q)
+    return {"page": page, "rows": queries.in_usd(rows), "q": q} | _live(request, "agents")
+
+
+@staff_only_fragment
+@require_http_methods(["GET"])
+def agents_fragment(request: HttpRequest) -> HttpResponse:
+    return _fragment(request, "console/fragments/agents.html", _agents(request))
+
+
+# --- Spend analysis -------------------------------------------------------------------
+
+
+def _spend(request: HttpRequest) -> tuple[dict, int]:
+    """The analysis the query string asks for, or what is wrong with it (status 400)."""
+    params = {name: request.GET.get(name, "").strip()[:200] for name in spend.PARAMS}
+    chosen = params["range"] or ("custom" if params["from"] or params["to"] else "")
+    context = {
+        "params": params,
+        "chosen_range": chosen or spend.DEFAULT_PRESET,
+        "presets": spend.PRESETS,
+        "max_days": spend.MAX_RANGE_DAYS,
+        # The range without the tenant, for the links that filter by one.
+        "range_query": urlencode({k: params[k] for k in ("range", "from", "to") if params[k]}),
+    }
+    now = timezone.now()
+    try:
+        spend_range = spend.parse_range(params["range"], params["from"], params["to"], now)
+        tenant = spend.tenant_named(params["tenant"])
+    except InvalidRequest as exc:
+        return context | {"error": exc.message}, 400
+    analysis = spend.analyse(spend_range, tenant, now)
+    return context | {
+        "analysis": analysis,
+        "chart": analysis.chart,
+        "spikes": queries.in_usd(analysis.spikes),
+    } | _live(request, "spend"), 200
+
+
+@staff_only
+@require_http_methods(["GET"])
+def spend_analysis(request: HttpRequest) -> HttpResponse:
+    context, status = _spend(request)
+    response = _render(request, "console/spend.html", context)
+    response.status_code = status
+    return response
+
+
+@staff_only_fragment
+@require_http_methods(["GET"])
+def spend_fragment(request: HttpRequest) -> HttpResponse:
+    context, status = _spend(request)
+    return _fragment(request, "console/fragments/spend.html", context, status)

@@ -28,11 +28,11 @@ from budgets.money import nanos_to_usd
 from spend.models import HourlyRollup, SpendEntry, Spike
 from spend.queries import resolve_scope
 
+from .console_spend import between
+
 HOUR = timedelta(hours=1)
 PAGE_SIZE = 50
 TENANT_STATES = [*PeriodState.values, "suspended"]
-CHART_HOURS = 24
-CHART_HEIGHT = 120
 
 
 def current(now: datetime, prefix: str = "") -> Q:
@@ -84,7 +84,7 @@ def tenants_by_state(now: datetime) -> dict[str, int]:
 
 
 def spend_today_nanos(now: datetime) -> int:
-    total = HourlyRollup.objects.filter(hour__gte=start_of_day(now)).aggregate(s=Sum("cost_nanos"))
+    total = between(HourlyRollup.objects.all(), start_of_day(now)).aggregate(s=Sum("cost_nanos"))
     return total["s"] or 0
 
 
@@ -119,12 +119,20 @@ class Spender:
 
 def top_spenders(now: datetime, limit: int = 10) -> list[Spender]:
     rows = (
-        HourlyRollup.objects.filter(hour__gte=start_of_day(now))
-        .values("tenant__name", "tenant__stripe_customer_id")
+        between(HourlyRollup.objects.all(), start_of_day(now))
+        .values("tenant_id")
         .annotate(spent=Sum("cost_nanos"))
-        .order_by("-spent", "tenant__name")[:limit]
+        .order_by("-spent", "tenant_id")[:limit]
     )
-    return [Spender(r["tenant__name"], r["tenant__stripe_customer_id"], r["spent"]) for r in rows]
+    spent = {r["tenant_id"]: r["spent"] for r in rows}
+    tenants = Tenant.objects.in_bulk(spent)
+    return sorted(
+        (
+            Spender(tenants[pk].name, tenants[pk].stripe_customer_id, nanos)
+            for pk, nanos in spent.items()
+        ),
+        key=lambda s: (-s.spent_nanos, s.name),
+    )
 
 
 def recent_events(limit: int = 20) -> QuerySet[BudgetEvent]:
@@ -135,56 +143,6 @@ def recent_events(limit: int = 20) -> QuerySet[BudgetEvent]:
 
 def recent_spikes(limit: int = 10) -> QuerySet[Spike]:
     return Spike.objects.select_related("tenant", "agent").order_by("-detected_at", "-id")[:limit]
-
-
-@dataclass(frozen=True)
-class Bar:
-    hour: datetime
-    cost_nanos: int
-    x: int
-    y: int
-    height: int
-
-    @property
-    def usd(self) -> str:
-        return nanos_to_usd(self.cost_nanos)
-
-
-@dataclass(frozen=True)
-class Chart:
-    bars: list[Bar]
-    max_nanos: int
-    height: int = CHART_HEIGHT
-    bar_width: int = 20
-
-    @property
-    def max_usd(self) -> str:
-        return nanos_to_usd(self.max_nanos)
-
-    @property
-    def width(self) -> int:
-        return len(self.bars) * self.bar_width
-
-
-def hourly_chart(now: datetime, hours: int = CHART_HOURS) -> Chart:
-    """Spend per hour over the last `hours` hours, the current one included."""
-    first = start_of_hour(now) - (hours - 1) * HOUR
-    rows = (
-        HourlyRollup.objects.filter(hour__gte=first)
-        .values("hour")
-        .annotate(cost=Sum("cost_nanos"))
-        .order_by()
-    )
-    by_hour = {r["hour"]: r["cost"] for r in rows}
-    costs = [by_hour.get(first + i * HOUR, 0) for i in range(hours)]
-    top = max(costs, default=0)
-    bars = []
-    for i, cost in enumerate(costs):
-        height = cost * CHART_HEIGHT // top if top else 0
-        if cost and not height:
-            height = 1  # a bar that spent something stays visible
-        bars.append(Bar(first + i * HOUR, cost, i * 20, CHART_HEIGHT - height, height))
-    return Chart(bars, top)
 
 
 # --- Budgets ------------------------------------------------------------------------

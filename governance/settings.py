@@ -376,6 +376,12 @@ for _name in (
     if globals()[_name] <= 0:
         raise ImproperlyConfigured(f"{_name}: must be a positive number")
 
+# --- Console ------------------------------------------------------------------------
+# Seconds between the console's live refreshes of its numbers and charts; 0: no refresh.
+CONSOLE_REFRESH_SECONDS = _setting("CONSOLE_REFRESH_SECONDS", env.int, 10)
+if CONSOLE_REFRESH_SECONDS < 0:
+    raise ImproperlyConfigured("CONSOLE_REFRESH_SECONDS: cannot be negative")
+
 # --- Metrics ------------------------------------------------------------------------
 # Bearer token Prometheus sends to read /metrics; empty: staff sessions only.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="").strip()

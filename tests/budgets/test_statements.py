@@ -17,9 +17,7 @@ def statements(captured) -> list[str]:
     return [q["sql"] for q in captured if not q["sql"].upper().startswith(control)]
 
 
-def test_a_call_governed_by_three_budgets_takes_a_handful_of_statements(
-    acme, invoice_bot, now
-):
+def test_a_call_governed_by_three_budgets_takes_a_handful_of_statements(acme, invoice_bot, now):
     services.set_policy(acme, ScopeType.TENANT, limit_nanos=1_000_000, now=now)
     services.set_policy(acme, ScopeType.AGENT, agent=invoice_bot, limit_nanos=500_000, now=now)
     services.set_policy(acme, ScopeType.USER, user_key="u-1", limit_nanos=100_000, now=now)

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 
 from budgets import engine, services
 from budgets.models import BudgetPolicy, Hold, ScopeType, Tenant
@@ -16,6 +17,14 @@ from spend.rollups import rollup_hours
 
 # One milli-USD per prompt token: 1000 tokens are one USD.
 MILLI = Prices(input_nanos=1_000_000, output_nanos=0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    """The spend page caches sums of settled hours; no test sees another's."""
+    cache.clear()
+    yield
+    cache.clear()
 
 
 @pytest.fixture

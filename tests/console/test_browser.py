@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import OperationalError, transaction
 
 from budgets import engine, services
-from budgets.models import BudgetPeriod, BudgetPolicy, ScopeType
+from budgets.models import BudgetPeriod, BudgetPolicy, ScopeType, Tenant
 from budgets.money import Prices, usd_to_nanos
 from spend.rollups import rollup_hours
 
@@ -66,6 +68,54 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+def log_in(page, url: str) -> None:
+    page.goto(url)
+    page.fill("#id_username", "alice")
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_url(url)
+
+
+def spend_more(tenant_key: str, prompt_tokens: int) -> None:
+    """A captured call of `prompt_tokens` at USD 0.15 per million, rolled up."""
+    tenant = Tenant.objects.get(stripe_customer_id=tenant_key)
+    agent = tenant.agents.get(name="bot")
+    for attempt in range(20):
+        try:
+            with transaction.atomic():
+                hold = engine.authorize(
+                    engine.state_of(tenant, agent), request_id=f"more-{prompt_tokens}",
+                    model="mistral-small", prices=Prices(150, 600), input_tokens=prompt_tokens,
+                    max_output_tokens=1,
+                )  # fmt: skip
+                engine.capture(hold, prompt_tokens=prompt_tokens, completion_tokens=0)
+                rollup_hours()
+            return
+        except OperationalError:
+            # SQLite's shared in-memory test database locks a table the live server is
+            # reading (the page polls every second); try again.
+            if attempt == 19:
+                raise
+            time.sleep(0.1)
+
+
+def chart_drawn(page, canvas_id: str) -> dict:
+    """The Chart.js chart on a canvas (waits for it): its labels and datasets."""
+    page.wait_for_function(
+        f"() => {{ const chart = window.Chart && Chart.getChart("
+        f"document.getElementById('{canvas_id}'));"
+        " return chart && !Chart.animator.running(chart); }"
+    )
+    return page.evaluate(
+        f"""() => {{
+            const chart = Chart.getChart(document.getElementById('{canvas_id}'));
+            return {{labels: chart.data.labels,
+                     datasets: chart.data.datasets.map(d => ({{label: d.label, usd: d.usd}})),
+                     width: chart.width, height: chart.height}};
+        }}"""
+    )
+
+
 def test_an_operator_logs_in_changes_and_resets_a_budget(browser, live_server, seeded):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(f"{live_server.url}/console/")
@@ -118,4 +168,93 @@ def test_an_operator_logs_in_changes_and_resets_a_budget(browser, live_server, s
     assert not BudgetPeriod.objects.filter(
         policy__scope_key="cus_globex", closed_at__isnull=False
     ).exists()
+    page.close()
+
+
+def test_pages_draw_charts_and_refresh_their_numbers_live(browser, live_server, seeded, settings):
+    settings.CONSOLE_REFRESH_SECONDS = 1
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []  # exceptions in the page's JavaScript (Chart.js, htmx, console.js)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    log_in(page, f"{live_server.url}/console/spend/")
+    assert page.get_by_role("link", name="Spend").first.get_attribute("aria-current") == "page"
+
+    # The spend page: a Chart.js chart drawn from the page's JSON, per hour, by model.
+    chart = chart_drawn(page, "spend-chart")
+    assert len(chart["labels"]) == 24
+    assert [d["label"] for d in chart["datasets"]] == ["mistral-small"]
+    assert chart["datasets"][0]["usd"][-1] == "0.0102"  # two calls of USD 0.0051
+    assert chart["width"] > 600 and chart["height"] > 200
+    assert page.locator("#spend-total").inner_text() == "USD 0.0102"
+    shot(page, "spend")
+
+    # htmx fetches the fragment again, and new spend shows without a reload.
+    page.evaluate("() => { window.notReloaded = true; }")
+    with page.expect_request("**/console/fragments/spend/**"):
+        pass
+    spend_more("cus_acme", 10_000)  # USD 0.0015
+    page.wait_for_function(
+        "() => document.getElementById('spend-total').textContent === 'USD 0.0117'", timeout=10_000
+    )
+    page.wait_for_function(
+        "() => Chart.getChart(document.getElementById('spend-chart')).data.datasets[0]"
+        ".usd.at(-1) === '0.0117'",
+        timeout=10_000,
+    )
+    assert page.evaluate("() => window.notReloaded") is True
+    assert "0.0066" in page.locator("#by-tenant").inner_text()  # Acme: 0.0051 + 0.0015
+
+    # A range that cannot be shown: a clear message, and nothing polls.
+    page.fill("#from", "2026-11-20")
+    page.fill("#to", "2026-11-10")
+    page.click("#spend-form button[type=submit]")
+    page.wait_for_load_state()
+    assert "after the to date" in page.locator("#spend-error").inner_text()
+    assert page.locator("[hx-get]").count() == 0
+    shot(page, "spend-error")
+
+    # The other pages: charts drawn, numbers refreshed in place, a screenshot of each.
+    page.goto(f"{live_server.url}/console/")
+    chart = chart_drawn(page, "overview-chart")
+    assert len(chart["labels"]) == 24
+    page.evaluate("() => { window.notReloaded = true; }")
+    spend_more("cus_globex", 20_000)  # USD 0.003
+    page.wait_for_function(
+        "() => document.getElementById('spend-today').textContent === 'USD 0.0147'",
+        timeout=10_000,
+    )
+    assert page.evaluate("() => window.notReloaded") is True
+    shot(page, "overview")
+
+    page.goto(f"{live_server.url}/console/budgets/")
+    with page.expect_request("**/console/fragments/budgets/**"):
+        pass
+    shot(page, "budgets")
+
+    page.goto(f"{live_server.url}/console/budgets/tenant/cus_acme/")
+    chart = chart_drawn(page, "budget-chart")
+    assert len(chart["labels"]) == 24
+    # A form being filled in survives the refreshes around it.
+    page.fill("#reset-form input[name=reason]", "half-typed")
+    with page.expect_request("**/console/fragments/budgets/tenant/cus_acme/**"):
+        pass
+    page.wait_for_timeout(300)
+    assert page.input_value("#reset-form input[name=reason]") == "half-typed"
+    shot(page, "budget-detail-chart")
+
+    page.goto(f"{live_server.url}/console/agents/")
+    agent = Tenant.objects.get(stripe_customer_id="cus_acme").agents.get(name="bot")
+    cell = page.locator(f"#agent-{agent.pk} [data-col=spend-today]")
+    before = cell.inner_text()
+    page.fill(f"#reason-{agent.pk}", "typing")
+    spend_more("cus_acme", 30_000)  # USD 0.0045
+    page.wait_for_function(
+        f"() => document.querySelector('#agent-{agent.pk} [data-col=spend-today]')"
+        f".textContent.trim() !== '{before}'",
+        timeout=10_000,
+    )
+    assert cell.inner_text() == "0.0111"  # 0.0051 + 0.0015 + 0.0045
+    assert page.input_value(f"#reason-{agent.pk}") == "typing"
+    shot(page, "agents")
+    assert errors == []
     page.close()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -45,11 +46,24 @@ def test_it_lists_top_spenders_biggest_first(staff_client, spent):
     assert '<td class="num">1</td>' in table
 
 
-def test_it_charts_the_last_24_hours_in_usd(staff_client, spent):
-    page = text(staff_client.get("/console/"))
-    assert page.count('<rect class="spend"') == 24
-    assert "highest hour USD 7" in page
-    assert f"{timezone.now():%H}:00 UTC: USD 7<" in page
+def chart_data(response, element_id: str) -> dict:
+    page = response.content.decode()
+    found = re.search(rf'<script id="{element_id}" type="application/json">(.*?)</script>', page)
+    return json.loads(found.group(1))
+
+
+def test_it_charts_the_last_24_hours_in_usd_by_model(staff_client, spent):
+    response = staff_client.get("/console/")
+    chart = chart_data(response, "overview-chart-data")
+    assert chart["bucket"] == "hour"
+    assert len(chart["labels"]) == 24
+    assert chart["labels"][-1] == f"{timezone.now():%m-%d %H}:00"
+    assert [d["label"] for d in chart["datasets"]] == ["m"]
+    assert chart["datasets"][0]["values"] == ["0"] * 23 + ["7"]
+    assert chart["total_usd"] == "7"
+    page = text(response)
+    assert 'id="spend-24h">USD 7<' in page
+    assert '<canvas id="overview-chart" data-chart="overview-chart-data"' in page
 
 
 def test_it_shows_recent_events_and_spikes(staff_client, spent, acme):
