@@ -2,9 +2,14 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.utils.html import format_html
 
+from routing.catalog import get_catalog
+
 from . import alerts
+from .admin_lists import LargeTable, TenantFilter, any_of, tenant_ids
 from .models import AlertChannel, AlertDelivery, AlertKind, default_kinds
 
 
@@ -39,7 +44,7 @@ class AlertChannelAdmin(admin.ModelAdmin):
 
 
 @admin.register(AlertDelivery)
-class AlertDeliveryAdmin(admin.ModelAdmin):
+class AlertDeliveryAdmin(LargeTable, admin.ModelAdmin):
     """The delivery log: one row per alert and channel, read-only."""
 
     list_display = (
@@ -53,11 +58,11 @@ class AlertDeliveryAdmin(admin.ModelAdmin):
         "sent_at",
         "last_error",
     )
-    list_filter = ("status", "kind", "source_type", "channel")
-    search_fields = ("tenant__name", "tenant__stripe_customer_id", "channel__name", "last_error")
+    list_filter = ("status", "kind", "source_type", "channel", TenantFilter)
+    search_fields = ("=tenant__stripe_customer_id", "=channel__name")
+    search_help_text = "A Stripe customer id (cus_...), a tenant's or a channel's name."
     date_hierarchy = "created_at"
     list_select_related = ("tenant", "channel")
-    show_full_result_count = False
     fields = (
         "channel",
         "tenant",
@@ -76,6 +81,15 @@ class AlertDeliveryAdmin(admin.ModelAdmin):
     readonly_fields = fields
     actions = ("retry",)
 
+    def get_search_results(self, request, queryset, search_term):
+        """Resolved to tenant and channel ids first: a search over the joined names
+        would read every delivery."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        channels = AlertChannel.objects.filter(name=term).values_list("pk", flat=True)
+        return queryset.filter(any_of(tenant_id=tenant_ids(term), channel_id=list(channels))), False
+
     @admin.display(description="message")
     def message(self, obj: AlertDelivery) -> str:
         return format_html("<pre>{}</pre>", obj.payload.get("text", ""))
@@ -93,3 +107,27 @@ class AlertDeliveryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+def model_prices(request: HttpRequest) -> TemplateResponse:
+    """The model catalog's prices, read-only: they are edited in the catalog file
+    (MODEL_CATALOG_PATH) and checked when the server starts."""
+    catalog = get_catalog()
+    return TemplateResponse(
+        request,
+        "admin/model_prices.html",
+        {
+            **admin.site.each_context(request),
+            "title": "Model prices",
+            "catalog": catalog,
+            "models": [(model, sorted(model.capabilities)) for model in catalog.models.values()],
+            "downgrades": [
+                [model.id, *(step.id for step in catalog.downgrade_chain(model.id))]
+                for model in catalog.models.values()
+                if model.id in catalog.downgrades
+            ],
+            "fallbacks": [
+                [model_id, *alternatives] for model_id, alternatives in catalog.fallback_ids.items()
+            ],
+        },
+    )

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from governance.admin import model_prices
 from governance.metrics import metrics_view
 from routing import authorizations
 from routing import views as gateway
@@ -12,6 +13,7 @@ admin.site.site_title = "Spend Governance"
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/console/", permanent=False)),
+    path("admin/model-prices/", admin.site.admin_view(model_prices), name="model-prices"),
     path("admin/", admin.site.urls),
     path("v1/chat/completions", gateway.chat_completions, name="chat-completions"),
     path("v1/models", gateway.list_models, name="models"),

@@ -3,7 +3,10 @@ import json
 from django.contrib import admin, messages
 from django.utils.html import format_html
 
+from governance.admin_lists import LargeTable
+
 from . import services
+from .handlers import HANDLERS
 from .models import EventStatus, StripeEvent, StripeSubscription
 
 
@@ -22,13 +25,32 @@ class HasWarning(admin.SimpleListFilter):
         return queryset
 
 
+class EventTypeFilter(admin.SimpleListFilter):
+    """The types we handle, and the rest: listing the stored types would be a
+    SELECT DISTINCT over every event."""
+
+    title = "type"
+    parameter_name = "type"
+
+    def lookups(self, request, model_admin):
+        return [(name, name) for name in sorted(HANDLERS)] + [("other", "other (not handled)")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "other":
+            return queryset.exclude(type__in=list(HANDLERS))
+        if self.value():
+            return queryset.filter(type=self.value())
+        return queryset
+
+
 @admin.register(StripeEvent)
-class StripeEventAdmin(admin.ModelAdmin):
+class StripeEventAdmin(LargeTable, admin.ModelAdmin):
     """Events are Stripe's record: visible, re-runnable, never edited."""
 
     list_display = ("received_at", "type", "stripe_id", "customer_id", "status", "warning")
-    list_filter = ("status", HasWarning, "type", "livemode")
-    search_fields = ("stripe_id", "customer_id", "note", "error")
+    list_filter = ("status", HasWarning, EventTypeFilter, "livemode")
+    search_fields = ("=stripe_id", "=customer_id")
+    search_help_text = "An event id (evt_...) or a Stripe customer id (cus_...)."
     date_hierarchy = "received_at"
     readonly_fields = (
         "stripe_id",
