@@ -578,35 +578,65 @@ def capture(
             if model_used != hold.model:
                 raise InvalidRequest(f"prices are needed to charge {model_used}")
             prices = Prices(hold.input_price_nanos, hold.output_price_nanos)
-        cost = prices.cost_nanos(prompt_tokens, completion_tokens)
         was_held = hold.status == HoldStatus.HELD
         entry = sql.insert(
-            SpendEntry(
-                tenant_id=hold.tenant_id,
-                agent_id=hold.agent_id,
-                user_key=hold.user_key,
-                request_id=hold.request_id,
-                hold=hold,
-                model_requested=hold.model,
-                model_used=model_used,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                input_price_nanos=prices.input_nanos,
-                output_price_nanos=prices.output_nanos,
-                cost_nanos=cost,
-                held_nanos=hold.amount_nanos,
-                over_hold=cost > hold.amount_nanos or not was_held,
-                usage_estimated=usage_estimated,
-                latency_ms=latency_ms,
+            _ledger_entry(
+                hold,
+                model_used,
+                prices,
+                prompt_tokens,
+                completion_tokens,
+                was_held,
+                usage_estimated,
+                latency_ms,
             )
         )
-        events = []
-        for period_id, old, new, spent, limit in sql.charge(hold.pk, cost, was_held):
-            if old != new:
-                events += _events_for_transition(period_id, old, new, spent, limit)
-        if events:
-            BudgetEvent.objects.bulk_create(events, ignore_conflicts=True)
+        _record_transitions(sql.charge(hold.pk, entry.cost_nanos, was_held))
     return entry
+
+
+def _ledger_entry(
+    hold: Hold,
+    model_used: str,
+    prices: Prices,
+    prompt_tokens: int,
+    completion_tokens: int,
+    was_held: bool,
+    usage_estimated: bool,
+    latency_ms: int | None,
+) -> SpendEntry:
+    """The ledger row of a capture (not saved). Over its hold, or captured after the
+    hold stopped holding, it is flagged over_hold."""
+    cost = prices.cost_nanos(prompt_tokens, completion_tokens)
+    return SpendEntry(
+        tenant_id=hold.tenant_id,
+        agent_id=hold.agent_id,
+        user_key=hold.user_key,
+        request_id=hold.request_id,
+        hold_id=hold.pk,
+        model_requested=hold.model,
+        model_used=model_used,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        input_price_nanos=prices.input_nanos,
+        output_price_nanos=prices.output_nanos,
+        cost_nanos=cost,
+        held_nanos=hold.amount_nanos,
+        over_hold=cost > hold.amount_nanos or not was_held,
+        usage_estimated=usage_estimated,
+        latency_ms=latency_ms,
+    )
+
+
+def _record_transitions(changes) -> None:
+    """A budget event for every threshold crossed: changes are (period id, old state,
+    new state, spent, limit) rows from the statement that charged the periods."""
+    events = []
+    for period_id, old, new, spent, limit in changes:
+        if old != new:
+            events += _events_for_transition(period_id, old, new, spent, limit)
+    if events:
+        BudgetEvent.objects.bulk_create(events, ignore_conflicts=True)
 
 
 def _capture_in_one_statement(
@@ -618,37 +648,22 @@ def _capture_in_one_statement(
 ) -> SpendEntry | None:
     """capture() of a hold this process placed and still believes held, on PostgreSQL:
     one statement, so one round trip and one commit. None if it is no longer held."""
-    cost = Prices(hold.input_price_nanos, hold.output_price_nanos).cost_nanos(
-        prompt_tokens, completion_tokens
-    )
-    entry = SpendEntry(
-        tenant_id=hold.tenant_id,
-        agent_id=hold.agent_id,
-        user_key=hold.user_key,
-        request_id=hold.request_id,
-        hold_id=hold.pk,
-        model_requested=hold.model,
-        model_used=hold.model,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        input_price_nanos=hold.input_price_nanos,
-        output_price_nanos=hold.output_price_nanos,
-        cost_nanos=cost,
-        held_nanos=hold.amount_nanos,
-        over_hold=cost > hold.amount_nanos,
-        usage_estimated=usage_estimated,
-        latency_ms=latency_ms,
+    prices = Prices(hold.input_price_nanos, hold.output_price_nanos)
+    entry = _ledger_entry(
+        hold,
+        hold.model,
+        prices,
+        prompt_tokens,
+        completion_tokens,
+        True,
+        usage_estimated,
+        latency_ms,
     )
     result = sql.capture_postgres(hold, entry, timezone.now())
     if result is None:
         return None
     entry.pk, entry._state.adding, entry._state.db = result[0], False, connection.alias
-    events = []
-    for period_id, old, new, spent, limit in result[1]:
-        if old != new:
-            events += _events_for_transition(period_id, old, new, spent, limit)
-    if events:
-        BudgetEvent.objects.bulk_create(events, ignore_conflicts=True)
+    _record_transitions(result[1])
     hold.status = HoldStatus.CAPTURED
     return entry
 

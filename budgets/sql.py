@@ -78,13 +78,18 @@ def _insert_sql(model: type[Model], vendor: str) -> str:
     )
 
 
+def _insert_values(obj: Model, db) -> list:
+    """The values to INSERT for every field but the primary key, in field order, as the
+    ORM would save them (auto_now_add and defaults applied)."""
+    fields = [f for f in obj._meta.concrete_fields if not f.primary_key]
+    return [f.get_db_prep_save(f.pre_save(obj, True), db) for f in fields]
+
+
 def insert(obj: Model) -> Model:
     """INSERT one instance (auto_now_add and defaults applied) and set its primary key."""
     db = _db()
-    fields = [f for f in obj._meta.concrete_fields if not f.primary_key]
-    values = [f.get_db_prep_save(f.pre_save(obj, True), db) for f in fields]
     with db.cursor() as cursor:
-        cursor.execute(_insert_sql(type(obj), db.vendor), values)
+        cursor.execute(_insert_sql(type(obj), db.vendor), _insert_values(obj, db))
         obj.pk = cursor.fetchone()[0]
     obj._state.adding, obj._state.db = False, db.alias
     return obj
@@ -293,10 +298,8 @@ def _insert_select(model: type[Model], prefix: str, vendor: str) -> tuple[str, s
 
 
 def _insert_params(prefix: str, obj: Model, db) -> dict:
-    fields = [f for f in obj._meta.concrete_fields if not f.primary_key]
-    return {
-        f"{prefix}{i}": f.get_db_prep_save(f.pre_save(obj, True), db) for i, f in enumerate(fields)
-    }
+    """_insert_values as the named parameters of _insert_select's SELECT list."""
+    return {f"{prefix}{i}": value for i, value in enumerate(_insert_values(obj, db))}
 
 
 class _PreparedCursor(psycopg.Cursor):

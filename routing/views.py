@@ -39,9 +39,8 @@ log = logging.getLogger("governance.gateway")
 # Database work of gateway calls runs here, off the event loop. Each thread keeps its own
 # connection (CONN_MAX_AGE), so this is also the most connections one web process opens
 # for the gateway.
-_db_threads = ThreadPoolExecutor(
-    max_workers=settings.GATEWAY_DB_THREADS, thread_name_prefix="gateway-db"
-)
+_db_thread_count = settings.GATEWAY_DB_THREADS
+_db_threads = ThreadPoolExecutor(max_workers=_db_thread_count, thread_name_prefix="gateway-db")
 
 
 def in_thread(function):
@@ -72,7 +71,7 @@ def close_db_connections() -> None:
     """Close the database connection of every gateway thread (tests; a process that
     ends closes them anyway). One task per thread: each waits for the others, so no
     thread runs two."""
-    count = _db_threads._max_workers
+    count = _db_thread_count
     barrier = threading.Barrier(count)
 
     def close() -> None:
@@ -264,10 +263,6 @@ def _usage_tokens(usage: Any) -> tuple[int, int] | None:
     return int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0)
 
 
-def _dump(model: Any) -> dict[str, Any]:
-    return model.model_dump(mode="json", by_alias=True)
-
-
 def _json(model: Any) -> str:
     """The model as the JSON the upstream sent (pydantic serializes it in one step)."""
     return model.model_dump_json(by_alias=True)
@@ -357,7 +352,7 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
     )
     metrics.add_spend(plan.model.id, entry.cost_nanos)
     _record_served(request_id, plan, entry.cost_nanos)
-    reply = JsonResponse(_dump(response))
+    reply = HttpResponse(_json(response), content_type="application/json")
     for name, value in gateway.governance_headers(plan, entry.cost_nanos).items():
         reply[name] = value
     return reply
