@@ -131,7 +131,7 @@ def policies_with_open_periods(
         ScopeType.USER,
         user_key or None,  # no end user: matches no user policy
     ]
-    with db.cursor() as cursor:
+    with _cursor(db) as cursor:
         cursor.execute(_scope_sql(db.vendor), params)
         rows = cursor.fetchall()
     width = len(BudgetPolicy._meta.concrete_fields)
@@ -221,15 +221,24 @@ def claim_hold(request_id: str, now: datetime) -> Hold | None:
     return found
 
 
-def _state_case(spent: str) -> str:
+def _state_case(spent: str, alias: str = "") -> str:
     """SQL for the state of a period at `spent` (engine.state_for in SQL); the states
     are the model's own constants."""
     return (
-        f"CASE WHEN {spent} >= hard_nanos THEN '{PeriodState.STOPPED}' "
-        f"WHEN {spent} >= soft_nanos THEN '{PeriodState.DEGRADED}' "
-        f"WHEN {spent} >= warn_nanos THEN '{PeriodState.WARNED}' "
+        f"CASE WHEN {spent} >= {alias}hard_nanos THEN '{PeriodState.STOPPED}' "
+        f"WHEN {spent} >= {alias}soft_nanos THEN '{PeriodState.DEGRADED}' "
+        f"WHEN {spent} >= {alias}warn_nanos THEN '{PeriodState.WARNED}' "
         f"ELSE '{PeriodState.ACTIVE}' END"
     )
+
+
+def _periods_of_hold(hold: str) -> str:
+    """PostgreSQL: `id` is one of the hold's periods. As an array it is looked up by
+    primary key whatever the planner guesses of the tables' sizes: a join here was
+    planned once per connection (prepared) as a sequential scan of the periods, whose
+    hot rows collect dead versions between vacuums (bench/RESULTS.md)."""
+    line = _table(HoldLine, "postgresql")
+    return f"id = ANY(ARRAY(SELECT period_id FROM {line} WHERE hold_id = {hold}))"  # noqa: S608
 
 
 @functools.cache
@@ -237,14 +246,15 @@ def _charge_sql(vendor: str) -> tuple[str, ...]:
     period, line = _table(BudgetPeriod, vendor), _table(HoldLine, vendor)
     if vendor == "postgresql":
         return (
-            f"WITH locked AS (SELECT x.id, x.state, l.amount_nanos FROM {period} x "  # noqa: S608
-            f"JOIN {line} l ON l.period_id = x.id WHERE l.hold_id = %s "
-            "ORDER BY x.id FOR UPDATE OF x) "
-            f"UPDATE {period} SET spent_nanos = spent_nanos + %s, "
-            "held_nanos = held_nanos - %s * locked.amount_nanos, "
-            f"state = {_state_case('spent_nanos + %s')} "
-            f"FROM locked WHERE {period}.id = locked.id "
-            f"RETURNING {period}.id, locked.state, {period}.state, spent_nanos, limit_nanos",
+            f"WITH locked AS (SELECT id, state FROM {period} WHERE {_periods_of_hold('%s')} "  # noqa: S608
+            "ORDER BY id FOR UPDATE), "
+            f"charged AS (UPDATE {period} x SET spent_nanos = x.spent_nanos + %s, "
+            "held_nanos = x.held_nanos - %s * l.amount_nanos, "
+            f"state = {_state_case('x.spent_nanos + %s', 'x.')} FROM {line} l "
+            "WHERE x.id = ANY(ARRAY(SELECT id FROM locked)) AND l.hold_id = %s "
+            "AND l.period_id = x.id RETURNING x.id, x.state, x.spent_nanos, x.limit_nanos) "
+            "SELECT charged.id, locked.state, charged.state, charged.spent_nanos, "
+            "charged.limit_nanos FROM charged JOIN locked ON locked.id = charged.id",
         )
     return (
         f"SELECT x.id, x.state FROM {period} x JOIN {line} l ON l.period_id = x.id "  # noqa: S608
@@ -266,7 +276,7 @@ def charge(hold_id: int, cost: int, release_hold: bool) -> list[tuple[int, str, 
     statements = _charge_sql(db.vendor)
     with db.cursor() as cursor:
         if db.vendor == "postgresql":
-            cursor.execute(statements[0], [hold_id, cost, release, cost, cost, cost])
+            cursor.execute(statements[0], [hold_id, cost, release, cost, cost, cost, hold_id])
             return cursor.fetchall()
         cursor.execute(statements[0], [hold_id])
         before = dict(cursor.fetchall())
@@ -303,18 +313,32 @@ def _insert_params(prefix: str, obj: Model, db) -> dict:
 
 
 class _PreparedCursor(psycopg.Cursor):
-    """Server-side binding, prepared on first use: the planner's work on these
-    statements (a fifth of a millisecond each) is done once per connection."""
+    """Server-side binding, prepared on first use: parsing and planning these
+    statements (half a millisecond each, bench/RESULTS.md) is done once per connection."""
 
     def execute(self, query, params=None, *, prepare=None, binary=None):
         return super().execute(query, params, prepare=True, binary=binary)
 
 
+# Django connects with prepare_threshold=None (no prepared statements, for poolers in
+# transaction mode), and psycopg then ignores prepare=True. A threshold no query count
+# reaches prepares only what asks to be: these statements, never the ORM's (whose
+# cursors bind on the client and cannot be prepared anyway).
+_ONLY_WHEN_ASKED = 1 << 62
+
+
 def _prepared_cursor(db):
     """A Django cursor (error translation, query logging) over a prepared cursor."""
     db.ensure_connection()
+    if db.connection.prepare_threshold is None:
+        db.connection.prepare_threshold = _ONLY_WHEN_ASKED
     cursor = _PreparedCursor(db.connection)
     return db.make_debug_cursor(cursor) if db.queries_logged else db.make_cursor(cursor)
+
+
+def _cursor(db):
+    """A prepared cursor on PostgreSQL, Django's own elsewhere."""
+    return _prepared_cursor(db) if db.vendor == "postgresql" else db.cursor()
 
 
 def _one_statement(db):
@@ -338,7 +362,7 @@ def place_hold_postgres(hold: Hold, period_ids: list[int]) -> tuple[int | None, 
         "decision AS (SELECT (SELECT id FROM refused) IS NULL "
         "AND (SELECT count(*) FROM locked) = %(count)s AS ok), "
         f"taken AS (UPDATE {period} p SET held_nanos = p.held_nanos + %(amount)s "
-        "FROM locked WHERE p.id = locked.id AND (SELECT ok FROM decision) "
+        "WHERE p.id = ANY(ARRAY(SELECT id FROM locked)) AND (SELECT ok FROM decision) "
         "RETURNING p.id, p.spent_nanos, p.held_nanos), "
         f"created AS (INSERT INTO {_table(Hold, db.vendor)} ({columns}) "
         f"SELECT {placeholders} WHERE (SELECT ok FROM decision) RETURNING id), "
@@ -376,17 +400,16 @@ def capture_postgres(hold: Hold, entry: Model, now: datetime):
         "finished_at = %(now)s WHERE id = %(hold)s AND status = %(held)s RETURNING id), "
         f"entry AS (INSERT INTO {_table(type(entry), db.vendor)} ({columns}) "
         f"SELECT {placeholders} FROM claimed RETURNING id), "
-        f"locked AS (SELECT x.id, x.state, l.amount_nanos FROM {period} x "
-        f"JOIN {line} l ON l.period_id = x.id WHERE l.hold_id = %(hold)s "
-        "AND EXISTS (SELECT 1 FROM claimed) ORDER BY x.id FOR UPDATE OF x), "
-        f"charged AS (UPDATE {period} SET spent_nanos = spent_nanos + %(cost)s, "
-        "held_nanos = held_nanos - locked.amount_nanos, "
-        f"state = {_state_case('spent_nanos + %(cost)s')} FROM locked "
-        f"WHERE {period}.id = locked.id RETURNING {period}.id, locked.state AS old_state, "
-        f"{period}.state AS new_state, spent_nanos, limit_nanos) "
-        "SELECT (SELECT id FROM entry), charged.id, charged.old_state, charged.new_state, "
+        f"locked AS (SELECT id, state FROM {period} WHERE {_periods_of_hold('%(hold)s')} "
+        "AND EXISTS (SELECT 1 FROM claimed) ORDER BY id FOR UPDATE), "
+        f"charged AS (UPDATE {period} x SET spent_nanos = x.spent_nanos + %(cost)s, "
+        "held_nanos = x.held_nanos - l.amount_nanos, "
+        f"state = {_state_case('x.spent_nanos + %(cost)s', 'x.')} FROM {line} l "
+        "WHERE x.id = ANY(ARRAY(SELECT id FROM locked)) AND l.hold_id = %(hold)s "
+        "AND l.period_id = x.id RETURNING x.id, x.state, x.spent_nanos, x.limit_nanos) "
+        "SELECT (SELECT id FROM entry), charged.id, locked.state, charged.state, "
         "charged.spent_nanos, charged.limit_nanos FROM (SELECT 1) one "
-        "LEFT JOIN charged ON TRUE"
+        "LEFT JOIN (charged JOIN locked ON locked.id = charged.id) ON TRUE"
     )
     params = {
         **_insert_params("e", entry, db),

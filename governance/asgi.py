@@ -26,6 +26,7 @@ from django.core.exceptions import RequestAborted  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.http import JsonResponse  # noqa: E402
 
+from routing import upstream  # noqa: E402
 from routing import views as gateway_views  # noqa: E402
 
 log = logging.getLogger("governance.gateway")
@@ -135,8 +136,22 @@ class GatewayHandler(ASGIHandler):
 gateway_application = GatewayHandler()
 
 
+async def lifespan(receive, send):
+    """Start-up needs nothing; shutdown closes the upstream connections."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await upstream.close_client()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def application(scope, receive, send):
     if scope["type"] == "http" and scope["path"] in GATEWAY_VIEWS and not scope.get("root_path"):
         await gateway_application(scope, receive, send)
+    elif scope["type"] == "lifespan":
+        await lifespan(receive, send)
     else:
         await django_application(scope, receive, send)

@@ -18,6 +18,8 @@ import httpx2
 from django.conf import settings
 from mistralai.client import Mistral
 
+from .transport import AiohttpTransport
+
 EXTRA_FIELDS_HEADER = "x-governance-extra-fields"
 SDK_FIELDS = frozenset(
     {
@@ -31,7 +33,16 @@ SDK_FIELDS = frozenset(
 )  # fmt: skip
 
 
-class ExtraFieldsTransport(httpx2.AsyncHTTPTransport):
+class ExtraFieldsTransport(httpx2.AsyncBaseTransport):
+    """Merges the fields the SDK does not know back into the JSON body, then sends the
+    request through `inner`."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         extra = request.headers.get(EXTRA_FIELDS_HEADER)
         if extra is not None:
@@ -48,7 +59,7 @@ class ExtraFieldsTransport(httpx2.AsyncHTTPTransport):
                 content=json.dumps(merged).encode(),
                 extensions=request.extensions,
             )
-        return await super().handle_async_request(request)
+        return await self.inner.handle_async_request(request)
 
 
 def split_fields(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -170,31 +181,43 @@ def _skip_sdk_iterable_coercion() -> None:
 _skip_sdk_iterable_coercion()
 
 _client: Mistral | None = None
+_transport: AiohttpTransport | None = None
 _client_lock = threading.Lock()
 
 
 def client() -> Mistral:
     """One SDK client (and connection pool) per process."""
-    global _client
+    global _client, _transport
     with _client_lock:
         if _client is None:
-            transport = ExtraFieldsTransport(
-                limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=200)
-            )
+            _transport = AiohttpTransport(max_connections=2000)
             _client = Mistral(
                 api_key=settings.MISTRAL_API_KEY or "simulated",
                 server_url=settings.MISTRAL_SERVER_URL,
                 timeout_ms=settings.MISTRAL_TIMEOUT_MS,
-                async_client=httpx2.AsyncClient(transport=transport, timeout=None),
+                async_client=httpx2.AsyncClient(
+                    transport=ExtraFieldsTransport(_transport), timeout=None
+                ),
             )
         return _client
 
 
-def reset_client() -> None:
-    """Forget the client (tests and settings changes)."""
-    global _client
+async def close_client() -> None:
+    """Close the upstream connections (the server's shutdown)."""
+    global _client, _transport
     with _client_lock:
-        _client = None
+        transport, _client, _transport = _transport, None, None
+    if transport is not None:
+        await transport.aclose()
+
+
+def reset_client() -> None:
+    """Forget the client (tests and settings changes); its connections are closed."""
+    global _client, _transport
+    with _client_lock:
+        transport, _client, _transport = _transport, None, None
+    if transport is not None:
+        transport.forget()
 
 
 def request_options(extra: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def gateway_url(transactional_db, settings):
     upstream.reset_client()
     upstream.breaker.reset()
     gateway.forget_keys()
-    with serving(application) as url:
+    with serving(application, lifespan="on") as url:
         yield url
     database["CONN_MAX_AGE"] = max_age
     upstream.reset_client()

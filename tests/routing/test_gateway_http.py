@@ -3,6 +3,7 @@ a live ASGI server, and the Mistral simulator as upstream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx2
@@ -367,3 +368,24 @@ def test_an_unexpected_failure_is_answered_in_json(gateway_url, simulator, acme_
     assert response.status_code == 500
     assert response.json()["code"] == "internal_error"
     assert response.headers["X-Request-Id"].startswith("gw-")
+
+
+def test_the_server_shutdown_closes_the_upstream_connections(settings):
+    """ASGI lifespan: start-up is acknowledged; shutdown closes the SDK's connection pool."""
+    from governance.asgi import application
+    from routing import upstream
+
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message["type"])
+
+    upstream.reset_client()
+    upstream.client()
+    asyncio.run(application({"type": "lifespan"}, receive, send))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert upstream._client is None

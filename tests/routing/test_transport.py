@@ -1,0 +1,245 @@
+"""The aiohttp transport under the SDK: bytes in and out as httpx2's own transport moves
+them, and every failure as the httpx2 error the gateway's fallback logic expects.
+Against real sockets on loopback: the simulator, and small servers that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import warnings
+
+import httpx2
+import pytest
+
+from routing.simulator import running_simulator
+from routing.transport import AiohttpTransport
+
+CHAT = {"model": "ministral-3b-latest", "messages": [{"role": "user", "content": "hi"}]}
+KEY = {"Authorization": "Bearer simulated"}
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+class RawServer:
+    """A loopback TCP server whose connection handler the test writes; counts
+    connections and remembers whether the client closed its side."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.connections = 0
+        self.client_closed = asyncio.Event()
+
+    async def __aenter__(self):
+        async def serve(reader, writer):
+            self.connections += 1
+            try:
+                await self._handle(reader, writer)
+                if not writer.is_closing() and await reader.read() == b"":
+                    self.client_closed.set()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                self.client_closed.set()
+            finally:
+                writer.close()
+
+        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self._server.close()
+
+
+async def read_request(reader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)
+
+
+def response(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
+    lines = [f"HTTP/1.1 {status}", f"content-length: {len(body)}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def test_a_chat_call_through_the_transport_is_what_the_simulator_answered():
+    async def main(url):
+        transport = AiohttpTransport()
+        async with httpx2.AsyncClient(transport=transport) as client:
+            first = await client.post(f"{url}/v1/chat/completions", json=CHAT, headers=KEY)
+            second = await client.post(f"{url}/v1/chat/completions", json=CHAT, headers=KEY)
+        return first, second
+
+    with running_simulator() as url:
+        first, second = run(main(url))
+    assert first.status_code == second.status_code == 200
+    assert first.json()["usage"]["prompt_tokens"] > 0
+    assert first.headers["content-type"].startswith("application/json")
+    assert first.http_version == "HTTP/1.1"
+
+
+def test_connections_are_kept_alive_and_headers_and_body_arrive_unchanged():
+    seen = []
+
+    async def handle(reader, writer):
+        for _ in range(2):
+            seen.append(await read_request(reader))
+            writer.write(response(b'{"ok": true}', "content-type: application/json"))
+            await writer.drain()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=AiohttpTransport()) as client,
+        ):
+            for n in range(2):
+                reply = await client.post(
+                    f"{server.url}/v1/x?n={n}", content=b'{"a": 1}', headers={"X-Tag": "t"}
+                )
+                assert reply.json() == {"ok": True}
+            return server.connections
+
+    assert run(main()) == 1  # both requests on one connection
+    head, _, body = seen[1].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/x?n=1 HTTP/1.1")
+    assert b"x-tag: t" in head.lower()
+    assert b"content-length: 8" in head.lower()
+    assert body == b'{"a": 1}'
+
+
+def test_a_gzipped_body_is_decoded_by_httpx_as_over_its_own_transport():
+    payload = json.dumps({"choices": []}).encode()
+
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(response(gzip.compress(payload), "content-encoding: gzip"))
+        await writer.drain()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=AiohttpTransport()) as client,
+        ):
+            return await client.get(server.url)
+
+    assert run(main()).content == payload
+
+
+def test_a_refused_connection_is_a_connect_error():
+    async def main():
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        server.close()
+        await server.wait_closed()
+        async with httpx2.AsyncClient(transport=AiohttpTransport()) as client:
+            await client.get(f"http://127.0.0.1:{port}/")
+
+    with pytest.raises(httpx2.ConnectError):
+        run(main())
+
+
+def test_an_upstream_that_does_not_answer_is_a_read_timeout():
+    async def handle(reader, writer):
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=AiohttpTransport(), timeout=0.2) as client,
+        ):
+            await client.post(server.url, content=b"{}")
+
+    with pytest.raises(httpx2.ReadTimeout):
+        run(main())
+
+
+def test_a_body_cut_short_is_a_protocol_error():
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=AiohttpTransport()) as client,
+        ):
+            await client.get(server.url)
+
+    with pytest.raises(httpx2.RemoteProtocolError):
+        run(main())
+
+
+def test_a_garbled_response_is_a_protocol_error():
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(b"this is not HTTP\r\n\r\n")
+        await writer.drain()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=AiohttpTransport()) as client,
+        ):
+            await client.get(server.url)
+
+    with pytest.raises(httpx2.RemoteProtocolError):
+        run(main())
+
+
+def test_a_stream_closed_early_closes_the_upstream_connection():
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for n in range(100):
+            writer.write(b"6\r\nchunk" + str(n % 10).encode() + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=AiohttpTransport()) as client,
+        ):
+            async with client.stream("GET", server.url) as reply:
+                async for chunk in reply.aiter_bytes():
+                    assert chunk.startswith(b"chunk")
+                    break
+            await asyncio.wait_for(server.client_closed.wait(), timeout=2)
+            return True
+
+    assert run(main())
+
+
+def test_proxies_come_from_the_environment_once(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    transport = AiohttpTransport()
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert transport._proxy(httpx2.URL("https://api.mistral.ai/v1")) == "http://proxy.internal:3128"
+    assert transport._proxy(httpx2.URL("http://127.0.0.1:8900/v1")) is None
+    assert transport._proxy(httpx2.URL("http://localhost:8900/v1")) is None
+
+
+def test_a_transport_used_from_a_new_event_loop_lets_the_old_session_go_quietly():
+    """Tests (and a server started again) run calls on more than one loop."""
+    transport = AiohttpTransport()
+
+    client = httpx2.AsyncClient(transport=transport)  # never closed: its loop ends first
+
+    async def call(url):
+        return (await client.post(f"{url}/v1/chat/completions", json=CHAT, headers=KEY)).status_code
+
+    with running_simulator() as url, warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        assert run(call(url)) == 200
+        assert run(call(url)) == 200  # the first loop is closed by now
+        run(transport.aclose())
