@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,33 +136,88 @@ def parse_wrk(out: str) -> dict:
     return result
 
 
-def measure_latency(env, url: str, sim_port: int, gw_port: int, key: str, seconds: int) -> dict:
-    """The same request straight to the simulator and through the gateway, 1 client."""
+def vacuum(database_url: str) -> None:
+    """PostgreSQL: VACUUM ANALYZE before each round. Every call updates the same period
+    row twice; where autovacuum is off (as on this machine's PostgreSQL) its dead
+    versions would pile up across rounds and each round would measure the last one's
+    garbage. Production runs autovacuum."""
+    if database_url.startswith("postgres"):
+        import psycopg
+
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+
+
+def cpu_speed_ms() -> float:
+    """Milliseconds for a fixed pure-Python loop: this machine's speed varies by half
+    from minute to minute, and rounds are only comparable alongside it."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(1_000_000):
+        total += i
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _median(values):
+    return round(statistics.median(values), 3)
+
+
+def measure_latency(env, url, sim_port, gw_port, key, seconds, rounds) -> dict:
+    """The same request straight to the simulator and through the gateway, 1 client,
+    in `rounds` rounds (direct then governed each time); medians of the rounds."""
+    direct_url = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
+    per_round = []
     with gateway(env, gw_port, workers=1):
-        direct_url = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
         wrk(url, key, threads=1, connections=1, seconds=3)  # warm up
-        direct = wrk(direct_url, key, threads=1, connections=1, seconds=seconds)
-        governed = wrk(url, key, threads=1, connections=1, seconds=seconds)
+        for _ in range(rounds):
+            vacuum(env["DATABASE_URL"])
+            speed = cpu_speed_ms()
+            direct = wrk(direct_url, key, threads=1, connections=1, seconds=seconds)
+            governed = wrk(url, key, threads=1, connections=1, seconds=seconds)
+            per_round.append(
+                {
+                    "cpu_speed_ms": speed,
+                    "direct_p50_ms": direct["p50_ms"],
+                    "direct_p99_ms": direct["p99_ms"],
+                    "gateway_p50_ms": governed["p50_ms"],
+                    "gateway_p99_ms": governed["p99_ms"],
+                    "overhead_p50_ms": round(governed["p50_ms"] - direct["p50_ms"], 3),
+                    "overhead_p99_ms": round(governed["p99_ms"] - direct["p99_ms"], 3),
+                    "errors": governed["non_2xx"] + governed["socket_errors"],
+                }
+            )
+    medians = {
+        name: _median([r[name] for r in per_round]) for name in per_round[0] if name != "errors"
+    }
     return {
-        "direct_p50_ms": direct["p50_ms"],
-        "direct_p99_ms": direct["p99_ms"],
-        "gateway_p50_ms": governed["p50_ms"],
-        "gateway_p99_ms": governed["p99_ms"],
-        "overhead_p50_ms": round(governed["p50_ms"] - direct["p50_ms"], 3),
-        "overhead_p99_ms": round(governed["p99_ms"] - direct["p99_ms"], 3),
-        "one_client_errors": governed["non_2xx"] + governed["socket_errors"],
+        **medians,
+        "one_client_errors": sum(r["errors"] for r in per_round),
+        "latency_rounds": per_round,
     }
 
 
-def measure_load(env, url: str, gw_port: int, key: str, seconds: int, workers: int) -> dict:
-    """Governed calls per second with 50 concurrent clients."""
+def measure_load(env, url, gw_port, key, seconds, workers, rounds) -> dict:
+    """Governed calls per second with 50 concurrent clients, median of the rounds."""
+    per_round = []
     with gateway(env, gw_port, workers=workers):
         wrk(url, key, threads=2, connections=50, seconds=3)  # warm up every worker
-        load = wrk(url, key, threads=2, connections=50, seconds=seconds)
+        for _ in range(rounds):
+            vacuum(env["DATABASE_URL"])
+            speed = cpu_speed_ms()
+            load = wrk(url, key, threads=2, connections=50, seconds=seconds)
+            per_round.append(
+                {
+                    "cpu_speed_ms": speed,
+                    "calls_per_second": load["rps"],
+                    "p50_ms": load["p50_ms"],
+                    "errors": load["non_2xx"] + load["socket_errors"],
+                }
+            )
     return {
-        "calls_per_second_50_clients": load["rps"],
-        "p50_ms_50_clients": load["p50_ms"],
-        "load_errors": load["non_2xx"] + load["socket_errors"],
+        "calls_per_second_50_clients": _median([r["calls_per_second"] for r in per_round]),
+        "p50_ms_50_clients": _median([r["p50_ms"] for r in per_round]),
+        "load_errors": sum(r["errors"] for r in per_round),
+        "load_rounds": per_round,
     }
 
 
@@ -196,6 +252,9 @@ def main() -> None:
     )
     parser.add_argument("--streams", type=int, default=1000, help="0: skip the streaming run")
     parser.add_argument(
+        "--rounds", type=int, default=3, help="latency and throughput rounds (medians reported)"
+    )
+    parser.add_argument(
         "--only-streams", action="store_true", help="skip the latency and throughput runs"
     )
     args = parser.parse_args()
@@ -220,15 +279,21 @@ def main() -> None:
     )
     engine = "PostgreSQL" if database_url.startswith("postgres") else "SQLite"
     results: dict[str, object] = {"database": engine, "cpus": os.cpu_count()}
+    if engine == "PostgreSQL":
+        import psycopg
+
+        with psycopg.connect(database_url) as conn:
+            results["autovacuum"] = conn.execute("SHOW autovacuum").fetchone()[0]
 
     url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
     if not args.only_streams:
         with simulator(env, sim_port):
-            results |= measure_latency(env, url, sim_port, gw_port, key, args.seconds)
-            results |= measure_load(env, url, gw_port, key, args.seconds, args.workers)
+            results |= measure_latency(env, url, sim_port, gw_port, key, args.seconds, args.rounds)
+            results |= measure_load(env, url, gw_port, key, args.seconds, args.workers, args.rounds)
     if args.streams:
         slow_env = {**env, "MISTRAL_SERVER_URL": f"http://127.0.0.1:{slow_port}"}
         with simulator(slow_env, slow_port, "--token-latency-ms", "100"):
+            vacuum(database_url)
             results |= measure_streams(slow_env, url, gw_port, key, args)
     print(json.dumps(results, indent=2))
 

@@ -11,6 +11,7 @@ views tidy their own database connections (routing.views.in_thread). Every other
 """
 
 import asyncio
+import gc
 import logging
 import os
 import tempfile
@@ -134,6 +135,11 @@ class GatewayHandler(ASGIHandler):
 
 
 gateway_application = GatewayHandler()
+
+# Everything loaded so far (Django, the SDK's pydantic models, the catalog) lives as
+# long as the process: out of the collector's generations, a full collection no longer
+# walks it on the request path.
+gc.freeze()
 
 
 async def lifespan(receive, send):
