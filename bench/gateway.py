@@ -28,6 +28,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 BODY = {
@@ -142,8 +144,6 @@ def vacuum(database_url: str) -> None:
     versions would pile up across rounds and each round would measure the last one's
     garbage. Production runs autovacuum."""
     if database_url.startswith("postgres"):
-        import psycopg
-
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE")
 
@@ -280,8 +280,6 @@ def main() -> None:
     engine = "PostgreSQL" if database_url.startswith("postgres") else "SQLite"
     results: dict[str, object] = {"database": engine, "cpus": os.cpu_count()}
     if engine == "PostgreSQL":
-        import psycopg
-
         with psycopg.connect(database_url) as conn:
             results["autovacuum"] = conn.execute("SHOW autovacuum").fetchone()[0]
 

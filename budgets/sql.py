@@ -232,13 +232,27 @@ def _state_case(spent: str, alias: str = "") -> str:
     )
 
 
-def _periods_of_hold(hold: str) -> str:
-    """PostgreSQL: `id` is one of the hold's periods. As an array it is looked up by
-    primary key whatever the planner guesses of the tables' sizes: a join here was
-    planned once per connection (prepared) as a sequential scan of the periods, whose
-    hot rows collect dead versions between vacuums (bench/RESULTS.md)."""
-    line = _table(HoldLine, "postgresql")
-    return f"id = ANY(ARRAY(SELECT period_id FROM {line} WHERE hold_id = {hold}))"  # noqa: S608
+def _lock_and_charge(guard: str = "", release: str = "") -> str:
+    """PostgreSQL: the CTEs `locked` (the hold's periods, locked in id order, with their
+    states before) and `charged` (the cost moved into spent, the hold's lines given
+    back, the new states), over the named parameters %(hold)s and %(cost)s. `guard`
+    narrows which periods are locked; `release` prefixes the line amounts given back.
+
+    The periods are looked up as an array of ids, so by primary key whatever the planner
+    guesses of the tables' sizes: a join here was planned once per connection (prepared)
+    as a sequential scan of the periods, whose hot rows collect dead versions between
+    vacuums (bench/RESULTS.md)."""
+    period, line = _table(BudgetPeriod, "postgresql"), _table(HoldLine, "postgresql")
+    return (
+        f"locked AS (SELECT id, state FROM {period} WHERE id = ANY(ARRAY("  # noqa: S608
+        f"SELECT period_id FROM {line} WHERE hold_id = %(hold)s)) {guard}"
+        "ORDER BY id FOR UPDATE), "
+        f"charged AS (UPDATE {period} x SET spent_nanos = x.spent_nanos + %(cost)s, "
+        f"held_nanos = x.held_nanos - {release}l.amount_nanos, "
+        f"state = {_state_case('x.spent_nanos + %(cost)s', 'x.')} FROM {line} l "
+        "WHERE x.id = ANY(ARRAY(SELECT id FROM locked)) AND l.hold_id = %(hold)s "
+        "AND l.period_id = x.id RETURNING x.id, x.state, x.spent_nanos, x.limit_nanos) "
+    )
 
 
 @functools.cache
@@ -246,13 +260,7 @@ def _charge_sql(vendor: str) -> tuple[str, ...]:
     period, line = _table(BudgetPeriod, vendor), _table(HoldLine, vendor)
     if vendor == "postgresql":
         return (
-            f"WITH locked AS (SELECT id, state FROM {period} WHERE {_periods_of_hold('%s')} "  # noqa: S608
-            "ORDER BY id FOR UPDATE), "
-            f"charged AS (UPDATE {period} x SET spent_nanos = x.spent_nanos + %s, "
-            "held_nanos = x.held_nanos - %s * l.amount_nanos, "
-            f"state = {_state_case('x.spent_nanos + %s', 'x.')} FROM {line} l "
-            "WHERE x.id = ANY(ARRAY(SELECT id FROM locked)) AND l.hold_id = %s "
-            "AND l.period_id = x.id RETURNING x.id, x.state, x.spent_nanos, x.limit_nanos) "
+            f"WITH {_lock_and_charge(release='%(release)s * ')}"  # noqa: S608
             "SELECT charged.id, locked.state, charged.state, charged.spent_nanos, "
             "charged.limit_nanos FROM charged JOIN locked ON locked.id = charged.id",
         )
@@ -276,7 +284,7 @@ def charge(hold_id: int, cost: int, release_hold: bool) -> list[tuple[int, str, 
     statements = _charge_sql(db.vendor)
     with db.cursor() as cursor:
         if db.vendor == "postgresql":
-            cursor.execute(statements[0], [hold_id, cost, release, cost, cost, cost, hold_id])
+            cursor.execute(statements[0], {"hold": hold_id, "cost": cost, "release": release})
             return cursor.fetchall()
         cursor.execute(statements[0], [hold_id])
         before = dict(cursor.fetchall())
@@ -392,7 +400,6 @@ def capture_postgres(hold: Hold, entry: Model, now: datetime):
     Returns (entry id, [(period id, old state, new state, spent, limit)]), or None when
     the hold is no longer held (voided, expired or captured meanwhile): nothing changed."""
     db = _db()
-    period, line = _table(BudgetPeriod, db.vendor), _table(HoldLine, db.vendor)
     hold_table = _table(Hold, db.vendor)
     columns, placeholders = _insert_select(type(entry), "e", db.vendor)
     sql = (
@@ -400,13 +407,7 @@ def capture_postgres(hold: Hold, entry: Model, now: datetime):
         "finished_at = %(now)s WHERE id = %(hold)s AND status = %(held)s RETURNING id), "
         f"entry AS (INSERT INTO {_table(type(entry), db.vendor)} ({columns}) "
         f"SELECT {placeholders} FROM claimed RETURNING id), "
-        f"locked AS (SELECT id, state FROM {period} WHERE {_periods_of_hold('%(hold)s')} "
-        "AND EXISTS (SELECT 1 FROM claimed) ORDER BY id FOR UPDATE), "
-        f"charged AS (UPDATE {period} x SET spent_nanos = x.spent_nanos + %(cost)s, "
-        "held_nanos = x.held_nanos - l.amount_nanos, "
-        f"state = {_state_case('x.spent_nanos + %(cost)s', 'x.')} FROM {line} l "
-        "WHERE x.id = ANY(ARRAY(SELECT id FROM locked)) AND l.hold_id = %(hold)s "
-        "AND l.period_id = x.id RETURNING x.id, x.state, x.spent_nanos, x.limit_nanos) "
+        f"{_lock_and_charge(guard='AND EXISTS (SELECT 1 FROM claimed) ')}"
         "SELECT (SELECT id FROM entry), charged.id, locked.state, charged.state, "
         "charged.spent_nanos, charged.limit_nanos FROM (SELECT 1) one "
         "LEFT JOIN (charged JOIN locked ON locked.id = charged.id) ON TRUE"

@@ -202,21 +202,23 @@ def client() -> Mistral:
         return _client
 
 
-async def close_client() -> None:
-    """Close the upstream connections (the server's shutdown)."""
+def _take_transport() -> AiohttpTransport | None:
+    """Forget the client; the next call makes a new one. Returns the old transport."""
     global _client, _transport
     with _client_lock:
         transport, _client, _transport = _transport, None, None
-    if transport is not None:
+    return transport
+
+
+async def close_client() -> None:
+    """Close the upstream connections (the server's shutdown)."""
+    if (transport := _take_transport()) is not None:
         await transport.aclose()
 
 
 def reset_client() -> None:
     """Forget the client (tests and settings changes); its connections are closed."""
-    global _client, _transport
-    with _client_lock:
-        transport, _client, _transport = _transport, None, None
-    if transport is not None:
+    if (transport := _take_transport()) is not None:
         transport.forget()
 
 

@@ -68,6 +68,15 @@ def response(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+async def request_from(handle, method="GET", **client_options) -> httpx2.Response:
+    """One request to a RawServer running `handle`, through a new transport."""
+    async with (
+        RawServer(handle) as server,
+        httpx2.AsyncClient(transport=AiohttpTransport(), **client_options) as client,
+    ):
+        return await client.request(method, server.url, content=b"{}")
+
+
 def test_a_chat_call_through_the_transport_is_what_the_simulator_answered():
     async def main(url):
         transport = AiohttpTransport()
@@ -121,14 +130,7 @@ def test_a_gzipped_body_is_decoded_by_httpx_as_over_its_own_transport():
         writer.write(response(gzip.compress(payload), "content-encoding: gzip"))
         await writer.drain()
 
-    async def main():
-        async with (
-            RawServer(handle) as server,
-            httpx2.AsyncClient(transport=AiohttpTransport()) as client,
-        ):
-            return await client.get(server.url)
-
-    assert run(main()).content == payload
+    assert run(request_from(handle)).content == payload
 
 
 def test_a_refused_connection_is_a_connect_error():
@@ -149,15 +151,8 @@ def test_an_upstream_that_does_not_answer_is_a_read_timeout():
         await read_request(reader)
         await asyncio.sleep(5)
 
-    async def main():
-        async with (
-            RawServer(handle) as server,
-            httpx2.AsyncClient(transport=AiohttpTransport(), timeout=0.2) as client,
-        ):
-            await client.post(server.url, content=b"{}")
-
     with pytest.raises(httpx2.ReadTimeout):
-        run(main())
+        run(request_from(handle, "POST", timeout=0.2))
 
 
 def test_a_body_cut_short_is_a_protocol_error():
@@ -167,15 +162,8 @@ def test_a_body_cut_short_is_a_protocol_error():
         await writer.drain()
         writer.close()
 
-    async def main():
-        async with (
-            RawServer(handle) as server,
-            httpx2.AsyncClient(transport=AiohttpTransport()) as client,
-        ):
-            await client.get(server.url)
-
     with pytest.raises(httpx2.RemoteProtocolError):
-        run(main())
+        run(request_from(handle))
 
 
 def test_a_garbled_response_is_a_protocol_error():
@@ -184,15 +172,8 @@ def test_a_garbled_response_is_a_protocol_error():
         writer.write(b"this is not HTTP\r\n\r\n")
         await writer.drain()
 
-    async def main():
-        async with (
-            RawServer(handle) as server,
-            httpx2.AsyncClient(transport=AiohttpTransport()) as client,
-        ):
-            await client.get(server.url)
-
     with pytest.raises(httpx2.RemoteProtocolError):
-        run(main())
+        run(request_from(handle))
 
 
 def test_a_stream_closed_early_closes_the_upstream_connection():
