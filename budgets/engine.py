@@ -177,14 +177,26 @@ def _default_policy_values(scope_type: str, tenant: Tenant) -> dict | None:
             "auto_pause": plan.auto_pause,
             "source": PolicySource.PLAN,
         }
-    limit = {
+    limit = _default_limit(scope_type)
+    if limit is None:
+        return None
+    return {"limit_nanos": limit, "window": Window.DAY, "source": PolicySource.DEFAULT}
+
+
+def _default_limit(scope_type: str) -> int | None:
+    return {
         ScopeType.TENANT: settings.DEFAULT_DAILY_BUDGET_NANOS,
         ScopeType.AGENT: settings.DEFAULT_AGENT_DAILY_BUDGET_NANOS,
         ScopeType.USER: settings.DEFAULT_USER_DAILY_BUDGET_NANOS,
     }[scope_type]
-    if limit is None:
-        return None
-    return {"limit_nanos": limit, "window": Window.DAY, "source": PolicySource.DEFAULT}
+
+
+def _has_default(scope_type: str, tenant: Tenant) -> bool:
+    """Whether a scope without a policy gets a default one (_default_policy_values is
+    not None), without reading the tenant's plan."""
+    if scope_type == ScopeType.TENANT and tenant.plan_id is not None:
+        return True
+    return _default_limit(scope_type) is not None
 
 
 def _wanted_scopes(tenant: Tenant, agent: Agent | None, user_key: str) -> dict[str, tuple]:
@@ -345,11 +357,23 @@ def state_of(
     one statement when every policy and its current period exist."""
     now = now or timezone.now()
     validate_user_key(user_key)
-    policies: dict[int, BudgetPolicy] = {}
-    current: dict[int, BudgetPeriod] = {}
     rows = sql.policies_with_open_periods(
         tenant.pk, agent.pk if agent is not None else None, user_key, now
     )
+    return _scope_of(tenant, agent, user_key, now, rows)
+
+
+def _scope_of(
+    tenant: Tenant,
+    agent: Agent | None,
+    user_key: str,
+    now: datetime,
+    rows: list[tuple[BudgetPolicy, BudgetPeriod | None]],
+) -> BudgetScope:
+    """The scope from the matching policies and their open periods as read: the
+    missing default policies and periods are created."""
+    policies: dict[int, BudgetPolicy] = {}
+    current: dict[int, BudgetPeriod] = {}
     for policy, period in rows:  # ordered by window start: the latest open one wins
         policies[policy.pk] = policy
         if period is not None:
@@ -424,12 +448,7 @@ def authorize(
     `min_output_tokens`; below that the call is refused with BudgetExceeded.
     Idempotent by request_id: the same id returns the hold it already has.
     """
-    if not request_id or len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
-        raise InvalidRequest(f"request id must be 1-{MAX_REQUEST_ID} printable characters")
-    if input_tokens < 0:
-        raise InvalidRequest("input tokens cannot be negative")
-    if max_output_tokens < 1:
-        raise InvalidRequest("max_tokens must be at least 1")
+    _check_hold_request(request_id, input_tokens, max_output_tokens)
     check_access(scope.tenant, scope.agent)
     min_output = settings.MIN_OUTPUT_TOKENS if min_output_tokens is None else min_output_tokens
     ttl = ttl or timedelta(seconds=settings.HOLD_TTL_SECONDS)
@@ -443,9 +462,8 @@ def authorize(
                 f"the {stopped.policy.scope_type} budget {stopped.policy.scope_key} is used up",
             )
         granted = _grant_output_tokens(scope, prices, input_tokens, max_output_tokens, min_output)
-        amount = prices.cost_nanos(input_tokens, granted)
         try:
-            return _place_hold(scope, request_id, model, prices, input_tokens, granted, amount, ttl)
+            return _place_hold(scope, request_id, model, prices, input_tokens, granted, ttl)
         except _Refused as refused:
             # Someone else took budget (or reset the period) since we read it: read again.
             refused_period_id = refused.period_id
@@ -467,6 +485,99 @@ def authorize(
     )
 
 
+def _check_hold_request(request_id: str, input_tokens: int, max_output_tokens: int) -> None:
+    if not request_id or len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+        raise InvalidRequest(f"request id must be 1-{MAX_REQUEST_ID} printable characters")
+    if input_tokens < 0:
+        raise InvalidRequest("input tokens cannot be negative")
+    if max_output_tokens < 1:
+        raise InvalidRequest("max_tokens must be at least 1")
+
+
+def authorize_if_plain(
+    tenant: Tenant,
+    agent: Agent | None,
+    user_key: str,
+    *,
+    request_id: str,
+    model: str,
+    prices: Prices,
+    input_tokens: int,
+    max_output_tokens: int,
+    policy_strategy_matters: bool,
+    now: datetime | None = None,
+) -> tuple[BudgetScope | None, Hold | None]:
+    """The common call, read and held in one statement (PostgreSQL): every budget is
+    below its soft cap and can pay for all of `max_output_tokens`, no budget is new
+    (a policy or period to create), and, if `policy_strategy_matters`, no policy picks
+    a routing strategy. Then the hold is what authorize(state_of(...), ...) would
+    place, and this returns (the scope after the hold, the hold).
+
+    Otherwise nothing is held and it returns (state_of's scope, None), read in the
+    same statement, for the general decision. (None, None) where the statement does
+    not apply: other databases, or a request id already used."""
+    if connection.vendor != "postgresql":
+        return None, None
+    _check_hold_request(request_id, input_tokens, max_output_tokens)
+    validate_user_key(user_key)
+    check_access(tenant, agent)
+    now = now or timezone.now()
+    wanted = _wanted_scopes(tenant, agent, user_key)
+    hold = _new_hold(
+        tenant, agent, user_key, now, request_id, model, prices, input_tokens, max_output_tokens
+    )
+    try:
+        hold_id, rows, taken = sql.read_and_hold_postgres(
+            hold,
+            agent.pk if agent is not None else None,
+            now,
+            required=[scope_type for scope_type in wanted if _has_default(scope_type, tenant)],
+            no_policy_strategy=policy_strategy_matters,
+        )
+    except IntegrityError:  # the request id is taken: authorize() tells whose it is
+        return None, None
+    if hold_id is None:
+        return _scope_of(tenant, agent, user_key, now, rows), None
+    periods = []
+    for policy, period in rows:
+        if policy.enabled:
+            period.policy = policy
+            period.spent_nanos, period.held_nanos, period.state = taken[period.pk]
+            periods.append(period)
+    periods.sort(key=lambda p: p.pk)
+    hold.pk, hold._state.adding, hold._state.db = hold_id, False, connection.alias
+    return BudgetScope(tenant, agent, user_key, now, periods), hold
+
+
+def _new_hold(
+    tenant: Tenant,
+    agent: Agent | None,
+    user_key: str,
+    now: datetime,
+    request_id: str,
+    model: str,
+    prices: Prices,
+    input_tokens: int,
+    granted: int,
+    ttl: timedelta | None = None,
+) -> Hold:
+    """A hold of `granted` output tokens (not saved)."""
+    ttl = ttl or timedelta(seconds=settings.HOLD_TTL_SECONDS)
+    return Hold(
+        request_id=request_id,
+        tenant=tenant,
+        agent=agent,
+        user_key=user_key,
+        model=model,
+        input_price_nanos=prices.input_nanos,
+        output_price_nanos=prices.output_nanos,
+        input_tokens=input_tokens,
+        max_output_tokens=granted,
+        amount_nanos=prices.cost_nanos(input_tokens, granted),
+        expires_at=now + ttl,
+    )
+
+
 def _place_hold(
     scope: BudgetScope,
     request_id: str,
@@ -474,22 +585,20 @@ def _place_hold(
     prices: Prices,
     input_tokens: int,
     granted: int,
-    amount: int,
     ttl: timedelta,
 ) -> Hold:
     ids = [period.pk for period in scope.periods]  # sorted by id: a fixed lock order
-    hold = Hold(
-        request_id=request_id,
-        tenant=scope.tenant,
-        agent=scope.agent,
-        user_key=scope.user_key,
-        model=model,
-        input_price_nanos=prices.input_nanos,
-        output_price_nanos=prices.output_nanos,
-        input_tokens=input_tokens,
-        max_output_tokens=granted,
-        amount_nanos=amount,
-        expires_at=scope.now + ttl,
+    hold = _new_hold(
+        scope.tenant,
+        scope.agent,
+        scope.user_key,
+        scope.now,
+        request_id,
+        model,
+        prices,
+        input_tokens,
+        granted,
+        ttl,
     )
     if connection.vendor == "postgresql" and ids:
         hold_id, taken, refused = sql.place_hold_postgres(hold, ids)
@@ -498,12 +607,12 @@ def _place_hold(
         hold.pk, hold._state.adding, hold._state.db = hold_id, False, connection.alias
     else:
         with transaction.atomic():
-            taken = sql.take(ids, amount) if ids else {}
+            taken = sql.take(ids, hold.amount_nanos) if ids else {}
             if len(taken) != len(ids):
                 raise _Refused(next(pk for pk in ids if pk not in taken))
             sql.insert(hold)
             if ids:
-                sql.insert_lines(hold.pk, ids, amount)
+                sql.insert_lines(hold.pk, ids, hold.amount_nanos)
     for period in scope.periods:
         period.spent_nanos, period.held_nanos = taken[period.pk]
     return hold

@@ -102,16 +102,48 @@ def _in(count: int) -> str:
 # --- Reading the budgets of a call --------------------------------------------------
 
 
-@functools.cache
-def _scope_sql(vendor: str) -> str:
+def _policies_and_periods(vendor: str, now: str) -> str:
+    """Policies `p`, each LEFT JOINed to its period `x` open at `now` (a placeholder)."""
     period, policy = _table(BudgetPeriod, vendor), _table(BudgetPolicy, vendor)
     return (
-        f"SELECT {_columns(BudgetPolicy, 'p', vendor)}, {_columns(BudgetPeriod, 'x', vendor)} "  # noqa: S608
-        f"FROM {policy} p LEFT JOIN {period} x ON x.policy_id = p.id "
-        "AND x.closed_at IS NULL AND x.window_start <= %s AND x.window_end > %s "
-        "WHERE p.tenant_id = %s AND (p.scope_type = %s OR (p.scope_type = %s AND p.agent_id = %s) "
-        "OR (p.scope_type = %s AND p.user_key = %s)) ORDER BY p.id, x.window_start"
+        f"{policy} p LEFT JOIN {period} x ON x.policy_id = p.id AND x.closed_at IS NULL "
+        f"AND x.window_start <= {now} AND x.window_end > {now}"
     )
+
+
+def _matching(tenant: str, agent: str, user: str) -> str:
+    """The condition on policies `p` that govern a call by this tenant, agent and end
+    user (placeholders); scope types are the model's own constants."""
+    return (
+        f"p.tenant_id = {tenant} AND (p.scope_type = '{ScopeType.TENANT}' "
+        f"OR (p.scope_type = '{ScopeType.AGENT}' AND p.agent_id = {agent}) "
+        f"OR (p.scope_type = '{ScopeType.USER}' AND p.user_key = {user}))"
+    )
+
+
+@functools.cache
+def _scope_sql(vendor: str) -> str:
+    return (
+        f"SELECT {_columns(BudgetPolicy, 'p', vendor)}, {_columns(BudgetPeriod, 'x', vendor)} "  # noqa: S608
+        f"FROM {_policies_and_periods(vendor, '%s')} WHERE {_matching('%s', '%s', '%s')} "
+        "ORDER BY p.id, x.window_start"
+    )
+
+
+def _scope_rows(rows, db, offset: int = 0) -> list[tuple[BudgetPolicy, BudgetPeriod | None]]:
+    """(policy, its open period or None) from rows of policy then period columns,
+    starting at `offset`. A row without a policy (no match) is skipped."""
+    width = len(BudgetPolicy._meta.concrete_fields)
+    period_at = offset + width
+    return [
+        (
+            _instance(BudgetPolicy, row[offset:period_at], db),
+            # A miss of the LEFT JOIN has a NULL period id; a period always has one.
+            _instance(BudgetPeriod, row[period_at:], db) if row[period_at] is not None else None,
+        )
+        for row in rows
+        if row[offset] is not None
+    ]
 
 
 def policies_with_open_periods(
@@ -121,28 +153,11 @@ def policies_with_open_periods(
     period open at `now` (None when it has none yet): one statement."""
     db = _db()
     moment = db.ops.adapt_datetimefield_value(now)
-    params = [
-        moment,
-        moment,
-        tenant_id,
-        ScopeType.TENANT,
-        ScopeType.AGENT,
-        agent_id,
-        ScopeType.USER,
-        user_key or None,  # no end user: matches no user policy
-    ]
+    # No end user matches no user policy.
+    params = [moment, moment, tenant_id, agent_id, user_key or None]
     with _cursor(db) as cursor:
         cursor.execute(_scope_sql(db.vendor), params)
-        rows = cursor.fetchall()
-    width = len(BudgetPolicy._meta.concrete_fields)
-    return [
-        (
-            _instance(BudgetPolicy, row[:width], db),
-            # A miss of the LEFT JOIN has a NULL period id; a period always has one.
-            _instance(BudgetPeriod, row[width:], db) if row[width] is not None else None,
-        )
-        for row in rows
-    ]
+        return _scope_rows(cursor.fetchall(), db)
 
 
 # --- Holds --------------------------------------------------------------------------
@@ -392,6 +407,84 @@ def place_hold_postgres(hold: Hold, period_ids: list[int]) -> tuple[int | None, 
     hold_id, refused = rows[0][0], rows[0][1]
     taken = {pk: (spent, held) for _, _, pk, spent, held in rows if pk is not None}
     return hold_id, taken, refused
+
+
+@functools.cache
+def _read_and_hold_sql() -> str:
+    vendor = "postgresql"
+    period, line = _table(BudgetPeriod, vendor), _table(HoldLine, vendor)
+    columns, placeholders = _insert_select(Hold, "h", vendor)
+    source = _policies_and_periods(vendor, "%(now)s")
+    matching = _matching("%(tenant)s", "%(agent)s", "%(user)s")
+    below_soft_cap = f"('{PeriodState.ACTIVE}', '{PeriodState.WARNED}')"
+    return (
+        f"WITH scope AS (SELECT p.id AS policy_id, p.scope_type, p.enabled, p.strategy, "  # noqa: S608
+        f"x.id AS period_id FROM {source} WHERE {matching}), "
+        # Plain: every enabled policy has one open period, no policy picks a strategy
+        # (when asked), and every scope that would get a default policy has a policy.
+        "plain AS (SELECT coalesce(bool_and(NOT enabled OR period_id IS NOT NULL), TRUE) "
+        "AND count(*) = count(DISTINCT policy_id) "
+        "AND (NOT %(no_policy_strategy)s "
+        "OR coalesce(bool_and(NOT enabled OR strategy = ''), TRUE)) "
+        "AND CAST(%(required)s AS text[]) <@ "
+        "coalesce(array_agg(CAST(scope_type AS text)), CAST('{}' AS text[])) AS ok FROM scope), "
+        "locked AS (SELECT id, spent_nanos, held_nanos, hard_nanos, closed_at, state "
+        f"FROM {period} WHERE id = ANY(ARRAY("
+        "SELECT period_id FROM scope WHERE enabled AND period_id IS NOT NULL)) "
+        "AND (SELECT ok FROM plain) ORDER BY id FOR UPDATE), "
+        "refused AS (SELECT min(id) AS id FROM locked WHERE closed_at IS NOT NULL "
+        f"OR state NOT IN {below_soft_cap} OR spent_nanos + held_nanos > hard_nanos - %(amount)s), "
+        "decision AS (SELECT (SELECT ok FROM plain) AND (SELECT id FROM refused) IS NULL "
+        "AND (SELECT count(*) FROM locked) = "
+        "(SELECT count(*) FROM scope WHERE enabled AND period_id IS NOT NULL) AS ok), "
+        f"taken AS (UPDATE {period} u SET held_nanos = u.held_nanos + %(amount)s "
+        "WHERE u.id = ANY(ARRAY(SELECT id FROM locked)) AND (SELECT ok FROM decision) "
+        "RETURNING u.id, u.spent_nanos, u.held_nanos, u.state), "
+        f"created AS (INSERT INTO {_table(Hold, vendor)} ({columns}) "
+        f"SELECT {placeholders} WHERE (SELECT ok FROM decision) RETURNING id), "
+        f"lines AS (INSERT INTO {line} (hold_id, period_id, amount_nanos) "
+        "SELECT created.id, taken.id, %(amount)s FROM created, taken) "
+        "SELECT (SELECT id FROM created), taken.id, taken.spent_nanos, taken.held_nanos, "
+        f"taken.state, {_columns(BudgetPolicy, 'p', vendor)}, "
+        f"{_columns(BudgetPeriod, 'x', vendor)} "
+        f"FROM (SELECT 1) one LEFT JOIN ({source}) ON {matching} "
+        "LEFT JOIN taken ON taken.id = x.id ORDER BY p.id, x.window_start"
+    )
+
+
+def read_and_hold_postgres(
+    hold: Hold,
+    agent_id: int | None,
+    now: datetime,
+    *,
+    required: list[str],
+    no_policy_strategy: bool,
+):
+    """PostgreSQL, the common call in one statement: read the budgets of the hold's
+    tenant, agent and end user, and take `hold.amount_nanos` on every period and insert
+    the hold with its lines if the case is plain: every enabled policy has its open
+    period, the scopes in `required` have a policy, no policy picks a strategy (if
+    `no_policy_strategy`), and every period is below its soft cap and can pay.
+
+    Returns (hold id or None, [(policy, period or None)] as policies_with_open_periods
+    reads them, {period id: (spent, held, state)} after the hold). Nothing is locked
+    or changed when the case is not plain."""
+    db = _db()
+    params = {
+        **_insert_params("h", hold, db),
+        "now": db.ops.adapt_datetimefield_value(now),
+        "tenant": hold.tenant_id,
+        "agent": agent_id,
+        "user": hold.user_key or None,  # no end user matches no user policy
+        "amount": hold.amount_nanos,
+        "required": required,
+        "no_policy_strategy": no_policy_strategy,
+    }
+    with _one_statement(db), _prepared_cursor(db) as cursor:
+        cursor.execute(_read_and_hold_sql(), params)
+        rows = cursor.fetchall()
+    taken = {pk: (spent, held, state) for _, pk, spent, held, state, *_ in rows if pk is not None}
+    return rows[0][0], _scope_rows(rows, db, offset=5), taken
 
 
 def capture_postgres(hold: Hold, entry: Model, now: datetime):

@@ -184,6 +184,60 @@ def resolve_model(catalog: Catalog, name: str) -> ModelSpec:
         ) from None
 
 
+def _plain_plan(
+    key: ApiKey,
+    body: dict[str, Any],
+    requested: ModelSpec,
+    *,
+    request_id: str,
+    user_key: str,
+    input_tokens: int | None,
+) -> tuple[engine.BudgetScope | None, CallPlan | None]:
+    """The common call in one statement (engine.authorize_if_plain): every budget below
+    its soft cap (so no downgrade and no tools removed), none picking a strategy the
+    agent does not override, and all of max_tokens affordable on the model the strategy
+    picks. That is the plan the general decision below would make. Otherwise no plan,
+    and the budgets as read (None where nothing was read) for the general decision."""
+    catalog = get_catalog()
+    try:
+        model = catalog.choose(
+            key.agent.strategy or catalog.default_strategy,
+            requested.id,
+            required_capabilities(body),
+        )
+    except (UnknownStrategy, NoCapableModel):
+        return None, None  # the general decision answers, after the budget checks
+    input_bound = prompt_token_bound(body) if input_tokens is None else input_tokens
+    if input_bound >= model.context_window:
+        return None, None
+    scope, hold = engine.authorize_if_plain(
+        key.agent.tenant,
+        key.agent,
+        user_key,
+        request_id=request_id,
+        model=model.id,
+        prices=model.prices,
+        input_tokens=input_bound,
+        max_output_tokens=min(
+            body.get("max_tokens") or model.max_output_tokens, model.max_output_tokens
+        ),
+        policy_strategy_matters=not key.agent.strategy,
+    )
+    if hold is None:
+        return scope, None
+    plan = CallPlan(
+        request_id=request_id,
+        key=key,
+        hold=hold,
+        model=model,
+        requested_model=requested.id,
+        body=body,
+        input_bound=input_bound,
+        scope=scope,
+    )
+    return scope, plan
+
+
 def plan_call(
     key: ApiKey,
     body: dict[str, Any],
@@ -200,7 +254,20 @@ def plan_call(
     engine.check_access(tenant, agent)
     catalog = get_catalog()
     requested = resolve_model(catalog, body["model"])
-    scope = engine.state_of(tenant, agent, user_key)
+    scope = None
+    if force_model is None and not skip_models:
+        scope, plan = _plain_plan(
+            key,
+            body,
+            requested,
+            request_id=request_id,
+            user_key=user_key,
+            input_tokens=input_tokens,
+        )
+        if plan is not None:
+            return plan
+    if scope is None:
+        scope = engine.state_of(tenant, agent, user_key)
     stopped = scope.stopped_period
     if stopped is not None:
         raise engine.budget_exceeded(
