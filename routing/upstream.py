@@ -18,7 +18,7 @@ import httpx2
 from django.conf import settings
 from mistralai.client import Mistral
 
-from .transport import AiohttpTransport
+from .transport import AiohttpTransport, DirectAsyncClient, last_response
 
 EXTRA_FIELDS_HEADER = "x-governance-extra-fields"
 SDK_FIELDS = frozenset(
@@ -195,7 +195,7 @@ def client() -> Mistral:
                 api_key=settings.MISTRAL_API_KEY or "simulated",
                 server_url=settings.MISTRAL_SERVER_URL,
                 timeout_ms=settings.MISTRAL_TIMEOUT_MS,
-                async_client=httpx2.AsyncClient(
+                async_client=DirectAsyncClient(
                     transport=ExtraFieldsTransport(_transport), timeout=None
                 ),
             )
@@ -220,6 +220,18 @@ def reset_client() -> None:
     """Forget the client (tests and settings changes); its connections are closed."""
     if (transport := _take_transport()) is not None:
         transport.forget()
+
+
+def last_json_body() -> bytes | None:
+    """The JSON body of the last upstream response in this context, as the upstream
+    sent it (decoded, but not parsed and serialized again): for the reply to a plain
+    call, right after the SDK returned its parse of it."""
+    response = last_response.get()
+    if response is None or response.status_code != 200:
+        return None
+    if not response.headers.get("content-type", "").startswith("application/json"):
+        return None
+    return response.content
 
 
 def request_options(extra: dict[str, Any]) -> dict[str, Any]:

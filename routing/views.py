@@ -352,7 +352,9 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
     )
     metrics.add_spend(plan.model.id, entry.cost_nanos)
     _record_served(request_id, plan, entry.cost_nanos)
-    reply = HttpResponse(_json(response), content_type="application/json")
+    reply = HttpResponse(
+        upstream.last_json_body() or _json(response), content_type="application/json"
+    )
     for name, value in gateway.governance_headers(plan, entry.cost_nanos).items():
         reply[name] = value
     return reply

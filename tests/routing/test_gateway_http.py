@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx2
 import openai
@@ -15,6 +17,7 @@ from mistralai.client.errors import SDKError
 from budgets import services
 from budgets.models import BudgetPeriod, Hold, HoldStatus, ScopeType
 from budgets.money import nanos_to_usd, usd_to_nanos
+from routing import upstream
 from routing.catalog import get_catalog
 from spend.models import SpendEntry
 
@@ -389,3 +392,51 @@ def test_the_server_shutdown_closes_the_upstream_connections(settings):
     asyncio.run(application({"type": "lifespan"}, receive, send))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert upstream._client is None
+
+
+def test_a_plain_reply_is_the_upstreams_json_as_it_was_sent(gateway_url, acme_key, settings):
+    """Fields the SDK's models do not know (a newer API's) reach the agent, and nothing
+    the upstream did not send is added."""
+    sent = json.dumps(
+        {
+            "id": "cmpl-1",
+            "object": "chat.completion",
+            "model": "mistral-small-latest",
+            "created": 1,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "Done."},
+                }
+            ],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14},
+            "newer_api_field": {"cached_tokens": 3},
+        }
+    ).encode()
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(sent)))
+            self.end_headers()
+            self.wfile.write(sent)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings.MISTRAL_SERVER_URL = f"http://127.0.0.1:{server.server_port}"
+        upstream.reset_client()
+        response = chat(gateway_url, acme_key, max_tokens=20)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert response.status_code == 200, response.text
+    assert response.content == sent
+    entry = SpendEntry.objects.get()
+    assert (entry.prompt_tokens, entry.completion_tokens) == (12, 2)

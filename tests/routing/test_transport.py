@@ -13,7 +13,7 @@ import httpx2
 import pytest
 
 from routing.simulator import running_simulator
-from routing.transport import AiohttpTransport
+from routing.transport import AiohttpTransport, DirectAsyncClient, last_response
 
 CHAT = {"model": "ministral-3b-latest", "messages": [{"role": "user", "content": "hi"}]}
 KEY = {"Authorization": "Bearer simulated"}
@@ -224,3 +224,81 @@ def test_a_transport_used_from_a_new_event_loop_lets_the_old_session_go_quietly(
         assert run(call(url)) == 200
         assert run(call(url)) == 200  # the first loop is closed by now
         run(transport.aclose())
+
+
+# --- The SDK's client ---------------------------------------------------------------
+
+
+def test_the_direct_client_sends_what_httpx2s_client_would():
+    """Same request line, headers (the client's defaults merged) and body; a timeout
+    given per request reaches the transport."""
+    seen = []
+
+    async def handle(reader, writer):
+        for _ in range(2):
+            seen.append(await read_request(reader))
+            writer.write(response(b'{"ok": true}', "content-type: application/json"))
+            await writer.drain()
+
+    async def main():
+        async with RawServer(handle) as server:
+            for client_class in (httpx2.AsyncClient, DirectAsyncClient):
+                async with client_class(transport=AiohttpTransport(), timeout=None) as client:
+                    request = client.build_request(
+                        "POST", f"{server.url}/v1/x", content=b"{}", headers={"X-Tag": "t"},
+                        params={}, timeout=7,
+                    )  # fmt: skip
+                    assert request.extensions["timeout"]["read"] == 7
+                    reply = await client.send(request)
+                    assert reply.json() == {"ok": True} and reply.request is request
+
+    run(main())
+    plain, direct = seen
+    assert direct == plain
+    assert b"accept-encoding: gzip" in direct.lower() and b"x-tag: t" in direct.lower()
+
+
+def test_the_direct_client_leaves_everything_else_to_httpx2():
+    seen = []
+
+    async def handle(reader, writer):
+        seen.append(await read_request(reader))
+        writer.write(response(b"{}", "content-type: application/json"))
+        await writer.drain()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            DirectAsyncClient(transport=AiohttpTransport()) as client,
+        ):
+            await client.post(f"{server.url}/v1/x", json={"a": 1}, params={"n": "2"})
+
+    run(main())
+    assert seen[0].startswith(b"POST /v1/x?n=2 HTTP/1.1")
+    assert seen[0].endswith(b'{"a":1}')
+
+
+def test_each_task_sees_the_response_it_was_sent():
+    """The gateway replies with the upstream's own bytes: concurrent calls never mix."""
+
+    async def handle(reader, writer):
+        request = await read_request(reader)
+        tag = request.split(b"\r\n")[0].split(b"/t/")[1].split(b" ")[0]
+        await asyncio.sleep(0.05)
+        writer.write(response(b'{"tag": "' + tag + b'"}', "content-type: application/json"))
+        await writer.drain()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            DirectAsyncClient(transport=AiohttpTransport()) as client,
+        ):
+
+            async def call(tag):
+                assert last_response.get() is None
+                await client.send(client.build_request("GET", f"{server.url}/t/{tag}"))
+                return last_response.get().json()["tag"]
+
+            return await asyncio.gather(*(call(str(n)) for n in range(5)))
+
+    assert run(main()) == ["0", "1", "2", "3", "4"]
