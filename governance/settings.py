@@ -155,16 +155,22 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
-    # Keep connections: the gateway's worker threads would otherwise reconnect (and
-    # re-run the pragmas above) on every call.
-    DATABASES["default"]["CONN_MAX_AGE"] = _setting("DB_CONN_MAX_AGE", env.int, 600)
     if DATABASES["default"]["NAME"] not in ("", ":memory:"):
         Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 else:
-    DATABASES["default"].setdefault("CONN_MAX_AGE", _setting("DB_CONN_MAX_AGE", env.int, 60))
     # No per-request "SELECT 1": a connection that failed is dropped after the failing
     # call instead (routing.views.in_thread, Django's request signals).
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
+# Django's own requests (console, admin, operator API, webhooks) connect per request:
+# under ASGI each runs in a thread made for it, so a connection kept past the request
+# would belong to no one until that thread was collected (one new, lingering connection
+# per request). The gateway's database threads are few and live as long as the process:
+# they keep theirs, and the statements prepared on it, for GATEWAY_DB_CONN_MAX_AGE
+# seconds (routing.views).
+DATABASES["default"]["CONN_MAX_AGE"] = 0
+GATEWAY_DB_CONN_MAX_AGE = _setting("DB_CONN_MAX_AGE", env.int, 600)
+if GATEWAY_DB_CONN_MAX_AGE < 0:
+    raise ImproperlyConfigured("DB_CONN_MAX_AGE: cannot be negative (0: a connection per call)")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Cache and Celery ---------------------------------------------------------------

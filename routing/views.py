@@ -36,11 +36,24 @@ from .catalog import get_catalog
 log = logging.getLogger("governance.gateway")
 
 
+def _keep_connections() -> None:
+    """Each gateway database thread keeps its connection for GATEWAY_DB_CONN_MAX_AGE
+    seconds (Django's own request threads connect per request: CONN_MAX_AGE 0). The
+    setting is this thread's own: its connection wrapper gets a copy of the settings."""
+    for alias in connections:
+        wrapper = connections[alias]
+        wrapper.settings_dict = {
+            **wrapper.settings_dict,
+            "CONN_MAX_AGE": settings.GATEWAY_DB_CONN_MAX_AGE,
+        }
+
+
 # Database work of gateway calls runs here, off the event loop. Each thread keeps its own
-# connection (CONN_MAX_AGE), so this is also the most connections one web process opens
-# for the gateway.
+# connection, so this is also the most connections one web process opens for the gateway.
 _db_thread_count = settings.GATEWAY_DB_THREADS
-_db_threads = ThreadPoolExecutor(max_workers=_db_thread_count, thread_name_prefix="gateway-db")
+_db_threads = ThreadPoolExecutor(
+    max_workers=_db_thread_count, thread_name_prefix="gateway-db", initializer=_keep_connections
+)
 
 
 def in_thread(function):
@@ -49,7 +62,7 @@ def in_thread(function):
     Calls from concurrent requests run in parallel threads instead of queueing on
     Django's single sync thread. Those threads never see Django's request signals, so
     they tidy their own connections: close_old_connections() drops a broken connection
-    and applies CONN_MAX_AGE, as it would at the end of a request.
+    and applies the threads' CONN_MAX_AGE, as it would at the end of a request.
     """
 
     def run(*args, **kwargs):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import OperationalError, transaction
+from django.db import OperationalError, connections, transaction
 
 from budgets import engine, services
 from budgets.models import BudgetPeriod, BudgetPolicy, ScopeType, Tenant
@@ -41,6 +41,10 @@ def browser():
                   "--disable-component-update", "--disable-sync", "--no-first-run"],
         )  # fmt: skip
         yield chromium
+        # With Playwright's loop running in this thread, Django keeps this thread's
+        # connections per context (asgiref's Local): the ones the test opened between
+        # page actions are not the thread's usual one, and would stay open.
+        connections.close_all()
         chromium.close()
     os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
 

@@ -55,6 +55,8 @@ def test_production_settings_pass_the_deploy_check():
         ("MODEL_CATALOG_PATH", "/nonexistent/catalog.yaml", "/nonexistent/catalog.yaml"),
         ("GATEWAY_MAX_BODY_BYTES", "0", "GATEWAY_MAX_BODY_BYTES"),
         ("KEY_CACHE_SECONDS", "-1", "KEY_CACHE_SECONDS"),
+        ("DB_CONN_MAX_AGE", "-5", "DB_CONN_MAX_AGE: cannot be negative"),
+        ("DB_CONN_MAX_AGE", "forever", "DB_CONN_MAX_AGE"),
     ],
 )
 def test_a_bad_variable_stops_the_start_and_is_named(variable, value, message):

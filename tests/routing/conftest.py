@@ -32,17 +32,11 @@ def simulator(settings):
 @pytest.fixture
 def gateway_url(transactional_db, settings):
     settings.KEY_CACHE_SECONDS = 0
-    # Worker threads close their connections after each call, so the test database
-    # can be dropped at the end of the run.
-    database = settings.DATABASES["default"]
-    max_age = database.get("CONN_MAX_AGE", 0)
-    database["CONN_MAX_AGE"] = 0
     upstream.reset_client()
     upstream.breaker.reset()
     gateway.forget_keys()
     with serving(application, lifespan="on") as url:
         yield url
-    database["CONN_MAX_AGE"] = max_age
     upstream.reset_client()
     upstream.breaker.reset()
 
