@@ -32,6 +32,7 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+SLICE_SECONDS = 2  # latency: direct and governed alternate in slices this long
 BODY = {
     "model": "ministral-3b-latest",
     "messages": [{"role": "user", "content": "Classify this support ticket: my invoice is wrong."}],
@@ -164,26 +165,33 @@ def _median(values):
 
 def measure_latency(env, url, sim_port, gw_port, key, seconds, rounds) -> dict:
     """The same request straight to the simulator and through the gateway, 1 client,
-    in `rounds` rounds (direct then governed each time); medians of the rounds."""
+    in `rounds` rounds; medians of the rounds. Within a round the two alternate in
+    slices of SLICE_SECONDS (direct, governed, direct, ...): this machine's speed drifts
+    from one second to the next, and a slice's overhead compares neighbours. A round's
+    figures are the medians of its slices'."""
     direct_url = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
+    slices = max(1, round(seconds / SLICE_SECONDS))
     per_round = []
     with gateway(env, gw_port, workers=1):
         wrk(url, key, threads=1, connections=1, seconds=3)  # warm up
         for _ in range(rounds):
             vacuum(env["DATABASE_URL"])
             speed = cpu_speed_ms()
-            direct = wrk(direct_url, key, threads=1, connections=1, seconds=seconds)
-            governed = wrk(url, key, threads=1, connections=1, seconds=seconds)
+            pairs = []
+            for _ in range(slices):
+                direct = wrk(direct_url, key, threads=1, connections=1, seconds=SLICE_SECONDS)
+                governed = wrk(url, key, threads=1, connections=1, seconds=SLICE_SECONDS)
+                pairs.append((direct, governed))
             per_round.append(
                 {
                     "cpu_speed_ms": speed,
-                    "direct_p50_ms": direct["p50_ms"],
-                    "direct_p99_ms": direct["p99_ms"],
-                    "gateway_p50_ms": governed["p50_ms"],
-                    "gateway_p99_ms": governed["p99_ms"],
-                    "overhead_p50_ms": round(governed["p50_ms"] - direct["p50_ms"], 3),
-                    "overhead_p99_ms": round(governed["p99_ms"] - direct["p99_ms"], 3),
-                    "errors": governed["non_2xx"] + governed["socket_errors"],
+                    "direct_p50_ms": _median([d["p50_ms"] for d, _ in pairs]),
+                    "direct_p99_ms": _median([d["p99_ms"] for d, _ in pairs]),
+                    "gateway_p50_ms": _median([g["p50_ms"] for _, g in pairs]),
+                    "gateway_p99_ms": _median([g["p99_ms"] for _, g in pairs]),
+                    "overhead_p50_ms": _median([g["p50_ms"] - d["p50_ms"] for d, g in pairs]),
+                    "overhead_p99_ms": _median([g["p99_ms"] - d["p99_ms"] for d, g in pairs]),
+                    "errors": sum(g["non_2xx"] + g["socket_errors"] for _, g in pairs),
                 }
             )
     medians = {
