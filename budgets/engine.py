@@ -494,6 +494,11 @@ def _check_hold_request(request_id: str, input_tokens: int, max_output_tokens: i
         raise InvalidRequest("max_tokens must be at least 1")
 
 
+def authorizes_in_one_statement() -> bool:
+    """Whether authorize_if_plain can place a hold here (PostgreSQL)."""
+    return connection.vendor == "postgresql"
+
+
 def authorize_if_plain(
     tenant: Tenant,
     agent: Agent | None,
@@ -516,7 +521,7 @@ def authorize_if_plain(
     Otherwise nothing is held and it returns (state_of's scope, None), read in the
     same statement, for the general decision. (None, None) where the statement does
     not apply: other databases, or a request id already used."""
-    if connection.vendor != "postgresql":
+    if not authorizes_in_one_statement():
         return None, None
     _check_hold_request(request_id, input_tokens, max_output_tokens)
     validate_user_key(user_key)
@@ -527,7 +532,7 @@ def authorize_if_plain(
         tenant, agent, user_key, now, request_id, model, prices, input_tokens, max_output_tokens
     )
     try:
-        hold_id, rows, taken = sql.read_and_hold_postgres(
+        hold_id, rows, locked = sql.read_and_hold_postgres(
             hold,
             agent.pk if agent is not None else None,
             now,
@@ -536,13 +541,15 @@ def authorize_if_plain(
         )
     except IntegrityError:  # the request id is taken: authorize() tells whose it is
         return None, None
+    for _, period in rows:  # what the statement locked is newer than what it read
+        if period is not None and period.pk in locked:
+            period.spent_nanos, period.held_nanos, period.state = locked[period.pk]
     if hold_id is None:
         return _scope_of(tenant, agent, user_key, now, rows), None
     periods = []
     for policy, period in rows:
         if policy.enabled:
             period.policy = policy
-            period.spent_nanos, period.held_nanos, period.state = taken[period.pk]
             periods.append(period)
     periods.sort(key=lambda p: p.pk)
     hold.pk, hold._state.adding, hold._state.db = hold_id, False, connection.alias

@@ -22,6 +22,7 @@ from datetime import datetime
 import psycopg
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Model
+from psycopg.types.numeric import Int8Dumper
 
 from .models import BudgetPeriod, BudgetPolicy, Hold, HoldLine, HoldStatus, PeriodState, ScopeType
 
@@ -337,7 +338,15 @@ def _insert_params(prefix: str, obj: Model, db) -> dict:
 
 class _PreparedCursor(psycopg.Cursor):
     """Server-side binding, prepared on first use: parsing and planning these
-    statements (half a millisecond each, bench/RESULTS.md) is done once per connection."""
+    statements (half a millisecond each, bench/RESULTS.md) is done once per connection.
+
+    Every int is sent as int8 (the columns' type): psycopg would otherwise pick int2,
+    int4 or int8 by each value's size, and each combination of types would be another
+    prepared statement."""
+
+    def __init__(self, connection, **kwargs):
+        super().__init__(connection, **kwargs)
+        self.adapters.register_dumper(int, Int8Dumper)
 
     def execute(self, query, params=None, *, prepare=None, binary=None):
         return super().execute(query, params, prepare=True, binary=binary)
@@ -419,11 +428,15 @@ def _read_and_hold_sql() -> str:
     below_soft_cap = f"('{PeriodState.ACTIVE}', '{PeriodState.WARNED}')"
     return (
         f"WITH scope AS (SELECT p.id AS policy_id, p.scope_type, p.enabled, p.strategy, "  # noqa: S608
-        f"x.id AS period_id FROM {source} WHERE {matching}), "
-        # Plain: every enabled policy has one open period, no policy picks a strategy
-        # (when asked), and every scope that would get a default policy has a policy.
-        "plain AS (SELECT coalesce(bool_and(NOT enabled OR period_id IS NOT NULL), TRUE) "
-        "AND count(*) = count(DISTINCT policy_id) "
+        "x.id AS period_id, x.state, x.spent_nanos + x.held_nanos <= x.hard_nanos - %(amount)s "
+        f"AS affordable FROM {source} WHERE {matching}), "
+        # Plain as read: every enabled policy has one open period, below its soft cap and
+        # able to pay; no policy picks a strategy (when asked); every scope that would get
+        # a default policy has a policy. Only then are the periods locked (and checked
+        # again as they are now).
+        "plain AS (SELECT coalesce(bool_and(NOT enabled OR (period_id IS NOT NULL "
+        f"AND state IN {below_soft_cap} AND affordable)), TRUE) "
+        "AND count(*) FILTER (WHERE enabled) = count(DISTINCT policy_id) FILTER (WHERE enabled) "
         "AND (NOT %(no_policy_strategy)s "
         "OR coalesce(bool_and(NOT enabled OR strategy = ''), TRUE)) "
         "AND CAST(%(required)s AS text[]) <@ "
@@ -444,11 +457,12 @@ def _read_and_hold_sql() -> str:
         f"SELECT {placeholders} WHERE (SELECT ok FROM decision) RETURNING id), "
         f"lines AS (INSERT INTO {line} (hold_id, period_id, amount_nanos) "
         "SELECT created.id, taken.id, %(amount)s FROM created, taken) "
-        "SELECT (SELECT id FROM created), taken.id, taken.spent_nanos, taken.held_nanos, "
-        f"taken.state, {_columns(BudgetPolicy, 'p', vendor)}, "
-        f"{_columns(BudgetPeriod, 'x', vendor)} "
+        "SELECT (SELECT id FROM created), locked.id, coalesce(taken.spent_nanos, "
+        "locked.spent_nanos), coalesce(taken.held_nanos, locked.held_nanos), locked.state, "
+        f"{_columns(BudgetPolicy, 'p', vendor)}, {_columns(BudgetPeriod, 'x', vendor)} "
         f"FROM (SELECT 1) one LEFT JOIN ({source}) ON {matching} "
-        "LEFT JOIN taken ON taken.id = x.id ORDER BY p.id, x.window_start"
+        "LEFT JOIN locked ON locked.id = x.id LEFT JOIN taken ON taken.id = x.id "
+        "ORDER BY p.id, x.window_start"
     )
 
 
@@ -467,8 +481,10 @@ def read_and_hold_postgres(
     `no_policy_strategy`), and every period is below its soft cap and can pay.
 
     Returns (hold id or None, [(policy, period or None)] as policies_with_open_periods
-    reads them, {period id: (spent, held, state)} after the hold). Nothing is locked
-    or changed when the case is not plain."""
+    reads them, {period id: (spent, held, state)} of the periods it locked, after the
+    hold if it placed one). Periods are locked only when they look plain as read; if,
+    locked, one no longer is (a concurrent call or reset), nothing changes and the
+    values it locked are the latest."""
     db = _db()
     params = {
         **_insert_params("h", hold, db),
@@ -483,8 +499,8 @@ def read_and_hold_postgres(
     with _one_statement(db), _prepared_cursor(db) as cursor:
         cursor.execute(_read_and_hold_sql(), params)
         rows = cursor.fetchall()
-    taken = {pk: (spent, held, state) for _, pk, spent, held, state, *_ in rows if pk is not None}
-    return rows[0][0], _scope_rows(rows, db, offset=5), taken
+    locked = {pk: (spent, held, state) for _, pk, spent, held, state, *_ in rows if pk is not None}
+    return rows[0][0], _scope_rows(rows, db, offset=5), locked
 
 
 def capture_postgres(hold: Hold, entry: Model, now: datetime):

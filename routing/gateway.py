@@ -198,6 +198,8 @@ def _plain_plan(
     agent does not override, and all of max_tokens affordable on the model the strategy
     picks. That is the plan the general decision below would make. Otherwise no plan,
     and the budgets as read (None where nothing was read) for the general decision."""
+    if not engine.authorizes_in_one_statement():
+        return None, None
     catalog = get_catalog()
     try:
         model = catalog.choose(

@@ -5,8 +5,9 @@ On SQLite the same decisions are checked through the general path; the statement
 counts are PostgreSQL's.
 """
 
+import psycopg
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from budgets import engine, services
@@ -208,10 +209,71 @@ def test_on_postgresql_a_plain_call_is_two_prepared_statements(require_postgres,
             return dict(cursor.fetchall())
 
     before = prepared()
-    for n in range(3):
-        decision = gateway.plan_call(key, body(), request_id=f"r-{n}")
-        gateway.capture(decision, prompt_tokens=10, completion_tokens=40)
+    # Values of every size (psycopg would send 10 as int2 and 40,000 as int4): still
+    # one statement each, every value sent as int8.
+    for n, max_tokens in enumerate((10, 40_000, 300)):
+        decision = gateway.plan_call(key, body(max_tokens=max_tokens), request_id=f"r-{n}")
+        gateway.capture(decision, prompt_tokens=10, completion_tokens=max_tokens)
     after = prepared()
 
     used = {name: uses - before.get(name, 0) for name, uses in after.items()}
     assert sorted(uses for uses in used.values() if uses) == [3, 3]
+
+
+def test_a_new_end_user_with_a_default_budget_goes_the_general_way_once(acme, key, settings):
+    settings.DEFAULT_USER_DAILY_BUDGET_NANOS = usd_to_nanos("1")
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("10"))
+    engine.state_of(acme, key.agent)  # opens the tenant's period
+
+    first, _ = plan_counted(key, body(), request_id="first", user_key="u-9")
+    user_policy = BudgetPolicy.objects.get(scope_type=ScopeType.USER, user_key="u-9")
+    assert user_policy.limit_nanos == usd_to_nanos("1")
+    assert len(held_by_period(first.hold)) == 2
+
+    second, sent = plan_counted(key, body(), request_id="second", user_key="u-9")
+    assert len(held_by_period(second.hold)) == 2
+    if on_postgres():
+        assert sent == 1
+
+
+def test_the_same_request_id_again_is_the_same_hold(acme, key):
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("10"))
+    engine.state_of(acme, key.agent)  # opens the period
+    first = gateway.plan_call(key, body(), request_id="again")
+    second = gateway.plan_call(key, body(), request_id="again")
+    assert second.hold.pk == first.hold.pk
+    assert BudgetPeriod.objects.get().held_nanos == first.hold.amount_nanos
+
+
+def test_a_budget_past_its_soft_cap_is_read_not_locked(require_postgres, transactional_db, spend):
+    """Read as degraded, the periods are not locked (the general path locks them next):
+    inside a caller's transaction another connection can still lock them at once."""
+    acme = services.create_tenant("Acme", "cus_acme")
+    agent = services.create_agent(acme, "invoice-bot")
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("1"))
+    spend(acme, usd_to_nanos("0.85"))
+    (period,) = BudgetPeriod.objects.all()
+    settings_dict = connection.settings_dict
+    with transaction.atomic():
+        scope, hold = engine.authorize_if_plain(
+            acme,
+            agent,
+            "",
+            request_id="not-plain",
+            model=LARGE,
+            prices=get_catalog().resolve(LARGE).prices,
+            input_tokens=10,
+            max_output_tokens=10,
+            policy_strategy_matters=True,
+        )
+        with psycopg.connect(
+            dbname=settings_dict["NAME"],
+            user=settings_dict["USER"],
+            host=settings_dict["HOST"],
+            port=settings_dict["PORT"],
+            autocommit=False,
+        ) as other:
+            other.execute(
+                "SELECT id FROM budgets_budgetperiod WHERE id = %s FOR UPDATE NOWAIT", [period.pk]
+            )
+    assert hold is None and scope.state == "degraded"
