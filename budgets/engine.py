@@ -544,16 +544,12 @@ def authorize_if_plain(
     for _, period in rows:  # what the statement locked is newer than what it read
         if period is not None and period.pk in locked:
             period.spent_nanos, period.held_nanos, period.state = locked[period.pk]
+    # Held: every policy had its period and default, so this creates nothing.
+    scope = _scope_of(tenant, agent, user_key, now, rows)
     if hold_id is None:
-        return _scope_of(tenant, agent, user_key, now, rows), None
-    periods = []
-    for policy, period in rows:
-        if policy.enabled:
-            period.policy = policy
-            periods.append(period)
-    periods.sort(key=lambda p: p.pk)
+        return scope, None
     hold.pk, hold._state.adding, hold._state.db = hold_id, False, connection.alias
-    return BudgetScope(tenant, agent, user_key, now, periods), hold
+    return scope, hold
 
 
 def _new_hold(

@@ -208,7 +208,6 @@ class DirectAsyncClient(httpx2.AsyncClient):
 
     def __init__(self, *, transport: httpx2.AsyncBaseTransport, timeout=None) -> None:
         super().__init__(transport=transport, timeout=timeout)
-        self._direct = transport
         self._urls: dict[str, httpx2.URL] = {}
 
     def build_request(
@@ -263,7 +262,7 @@ class DirectAsyncClient(httpx2.AsyncClient):
             )
         if self.is_closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
-        response = await self._direct.handle_async_request(request)
+        response = await self._transport.handle_async_request(request)
         response.request = request
         try:
             if not stream:

@@ -68,6 +68,19 @@ def response(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+def answering(seen: list, times: int = 1, body: bytes = b'{"ok": true}'):
+    """A RawServer handler that records `times` requests on one connection and answers
+    each with `body` as JSON."""
+
+    async def handle(reader, writer):
+        for _ in range(times):
+            seen.append(await read_request(reader))
+            writer.write(response(body, "content-type: application/json"))
+            await writer.drain()
+
+    return handle
+
+
 async def request_from(handle, method="GET", **client_options) -> httpx2.Response:
     """One request to a RawServer running `handle`, through a new transport."""
     async with (
@@ -96,15 +109,9 @@ def test_a_chat_call_through_the_transport_is_what_the_simulator_answered():
 def test_connections_are_kept_alive_and_headers_and_body_arrive_unchanged():
     seen = []
 
-    async def handle(reader, writer):
-        for _ in range(2):
-            seen.append(await read_request(reader))
-            writer.write(response(b'{"ok": true}', "content-type: application/json"))
-            await writer.drain()
-
     async def main():
         async with (
-            RawServer(handle) as server,
+            RawServer(answering(seen, times=2)) as server,
             httpx2.AsyncClient(transport=AiohttpTransport()) as client,
         ):
             for n in range(2):
@@ -234,14 +241,8 @@ def test_the_direct_client_sends_what_httpx2s_client_would():
     given per request reaches the transport."""
     seen = []
 
-    async def handle(reader, writer):
-        for _ in range(2):
-            seen.append(await read_request(reader))
-            writer.write(response(b'{"ok": true}', "content-type: application/json"))
-            await writer.drain()
-
     async def main():
-        async with RawServer(handle) as server:
+        async with RawServer(answering(seen, times=2)) as server:
             for client_class in (httpx2.AsyncClient, DirectAsyncClient):
                 async with client_class(transport=AiohttpTransport(), timeout=None) as client:
                     request = client.build_request(
@@ -261,14 +262,9 @@ def test_the_direct_client_sends_what_httpx2s_client_would():
 def test_the_direct_client_leaves_everything_else_to_httpx2():
     seen = []
 
-    async def handle(reader, writer):
-        seen.append(await read_request(reader))
-        writer.write(response(b"{}", "content-type: application/json"))
-        await writer.drain()
-
     async def main():
         async with (
-            RawServer(handle) as server,
+            RawServer(answering(seen, body=b"{}")) as server,
             DirectAsyncClient(transport=AiohttpTransport()) as client,
         ):
             await client.post(f"{server.url}/v1/x", json={"a": 1}, params={"n": "2"})
