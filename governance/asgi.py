@@ -80,6 +80,9 @@ class GatewayHandler(ASGIHandler):
                 for closer in response._resource_closers:
                     closer()
 
+        # A plain call is charged after its reply is sent (routing.views._after_reply);
+        # this call ends, and shutdown waits for it, once that charge is written.
+        gateway_views.charge_after_reply()
         # As Django does: a client that disconnects cancels the view (a stream's
         # generator then settles what it used).
         tasks = [
@@ -96,6 +99,9 @@ class GatewayHandler(ASGIHandler):
                 pass
             except Exception:
                 log.exception("gateway request %s failed", request.path_info)
+        charges = gateway_views.charges_after_reply()
+        if charges:
+            await asyncio.wait(charges)
 
     async def _view_response(self, request):
         view = GATEWAY_VIEWS[request.path_info]

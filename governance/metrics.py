@@ -65,6 +65,12 @@ DOWNGRADES = Counter(
 )
 REFUSALS = Counter("governance_refusals", "Calls refused, by error code.", ["reason"])
 SPEND = Counter("governance_spend_usd", "Spend captured by the gateway, in USD (float).", ["model"])
+UNCHARGED = Counter(
+    "governance_uncharged_calls",
+    "Calls answered whose capture failed after retries: each is logged at ERROR with its"
+    " tokens, and its hold expires uncharged. Alert on any.",
+    ["model"],
+)
 UPSTREAM_LATENCY = Histogram(
     "governance_upstream_latency_seconds",
     "Time until the upstream answered (for streams: until the stream opened).",
@@ -99,6 +105,10 @@ def count_call(
 
 def add_spend(model: str, cost_nanos: int) -> None:
     SPEND.labels(model).inc(cost_nanos / NANOS_PER_USD)
+
+
+def count_uncharged(model: str) -> None:
+    UNCHARGED.labels(model).inc()
 
 
 def observe_upstream_latency(model: str, seconds: float) -> None:

@@ -22,7 +22,7 @@ from django.conf import settings
 from budgets import engine, services
 from budgets.errors import BudgetExceeded, InvalidRequest
 from budgets.models import STATE_SEVERITY, ApiKey, Hold, PeriodState, ScopeType
-from budgets.money import nanos_to_usd
+from budgets.money import Prices, nanos_to_usd
 from spend.models import SpendEntry
 
 from .catalog import Catalog, ModelSpec, NoCapableModel, UnknownModel, UnknownStrategy, get_catalog
@@ -351,6 +351,15 @@ def capture(
         completion_tokens=completion_tokens,
         usage_estimated=usage_estimated,
         latency_ms=latency_ms,
+    )
+
+
+def cost_of(plan: CallPlan, prompt_tokens: int, completion_tokens: int) -> int:
+    """What capture() charges for these tokens: the hold's prices, so the reply's budget
+    headers can be written before the ledger row is."""
+    hold = plan.hold
+    return Prices(hold.input_price_nanos, hold.output_price_nanos).cost_nanos(
+        prompt_tokens, completion_tokens
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx2
 from django.conf import settings
-from django.db import close_old_connections, connections
+from django.db import DatabaseError, close_old_connections, connections
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from mistralai.client.errors import MistralError
@@ -356,21 +356,98 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
     estimated = tokens is None
     if tokens is None:
         tokens = (plan.input_bound, plan.max_tokens)
-    entry = await in_thread(gateway.capture)(
-        plan,
-        prompt_tokens=tokens[0],
-        completion_tokens=tokens[1],
-        usage_estimated=estimated,
-        latency_ms=latency_ms,
-    )
-    metrics.add_spend(plan.model.id, entry.cost_nanos)
-    _record_served(request_id, plan, entry.cost_nanos)
+    charge = _charge(plan, tokens, estimated=estimated, latency_ms=latency_ms)
+    after_reply = _after_reply.get()
+    if after_reply is None:
+        await charge
+    else:
+        after_reply.append(_settling_task(charge))
     reply = HttpResponse(
         upstream.last_json_body() or _json(response), content_type="application/json"
     )
-    for name, value in gateway.governance_headers(plan, entry.cost_nanos).items():
+    cost_nanos = gateway.cost_of(plan, *tokens)
+    for name, value in gateway.governance_headers(plan, cost_nanos).items():
         reply[name] = value
     return reply
+
+
+# A plain call's charge can go out after its reply: the hold keeps the budget from being
+# spent twice meanwhile, and the agent waits for neither the capture's round trip nor the
+# log line. The server that sends the reply (governance.asgi.GatewayHandler) opts in with
+# charge_after_reply() and, once the reply is sent, waits for the charges the view left.
+# Under any other server (Django's own handler, the test client) the charge comes first.
+_after_reply: contextvars.ContextVar[list[asyncio.Task] | None] = contextvars.ContextVar(
+    "after_reply", default=None
+)
+_settling: set[asyncio.Task] = set()  # charges after replies, still running
+CHARGE_ATTEMPTS = 3
+CHARGE_RETRY_SECONDS = 0.05  # then doubled: the database is given ~0.15 s to come back
+
+
+def charge_after_reply() -> None:
+    """For the server, before it calls the view: charge this call after its reply."""
+    _after_reply.set([])
+
+
+def charges_after_reply() -> list[asyncio.Task]:
+    """For the server, once the reply is sent: the charges still to wait for."""
+    return _after_reply.get() or []
+
+
+def _settling_task(charge) -> asyncio.Task:
+    task = asyncio.get_running_loop().create_task(charge)
+    _settling.add(task)
+    task.add_done_callback(_settling.discard)
+    return task
+
+
+def wait_for_charges(timeout: float = 10) -> None:
+    """Block until every call answered so far is charged (tests, from outside the
+    server's event loop: a reply can reach the agent before its ledger row exists)."""
+    deadline = time.monotonic() + timeout
+    while _settling:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(_settling)} charges still running after {timeout} s")
+        time.sleep(0.002)
+
+
+async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms: int) -> None:
+    """Capture a plain call, then count and log it. The upstream has answered, so a
+    failure never withholds the answer: a database error is retried (capture is
+    idempotent by request id), and after the last attempt the call is logged with what
+    it used, and its hold stays until expire_holds releases it."""
+    for attempt in range(1, CHARGE_ATTEMPTS + 1):
+        try:
+            entry = await in_thread(gateway.capture)(
+                plan,
+                prompt_tokens=tokens[0],
+                completion_tokens=tokens[1],
+                usage_estimated=estimated,
+                latency_ms=latency_ms,
+            )
+        except Exception as exc:
+            if isinstance(exc, DatabaseError) and attempt < CHARGE_ATTEMPTS:
+                await asyncio.sleep(CHARGE_RETRY_SECONDS * 2 ** (attempt - 1))
+                continue
+            _charge_failed(plan, tokens)
+            return
+        metrics.add_spend(plan.model.id, entry.cost_nanos)
+        _record_served(plan.request_id, plan, entry.cost_nanos)
+        return
+
+
+def _charge_failed(plan, tokens: tuple[int, int]) -> None:
+    log.exception(
+        "gateway call %s was answered but not charged: %s prompt and %s completion tokens "
+        "on %s; its hold stays until it expires",
+        plan.request_id,
+        tokens[0],
+        tokens[1],
+        plan.model.id,
+        extra={"request_id": plan.request_id},
+    )
+    metrics.count_uncharged(plan.model.id)
+    _record_served(plan.request_id, plan)
 
 
 def _streaming_response(plan: gateway.CallPlan, stream, started: float) -> StreamingHttpResponse:

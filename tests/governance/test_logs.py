@@ -11,6 +11,7 @@ import httpx2
 import pytest
 
 from governance.logs import JsonFormatter, TextFormatter, redact
+from routing.views import wait_for_charges
 from tests.webhooks.stripe_objects import SECRET, event, resource, sign
 
 MESSAGES = [{"role": "user", "content": "Summarise the invoice from Acme for March."}]
@@ -92,6 +93,7 @@ def test_it_logs_decisions_and_webhooks_without_any_key_or_secret(
         json={"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": 20},
         timeout=30,
     )
+    wait_for_charges()  # a plain call is logged once charged, just after its reply
     refused = httpx2.post(
         f"{gateway_url}/v1/chat/completions",
         headers={"Authorization": f"Bearer {wrong_key}"},

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from budgets import engine, services
 from budgets.models import ScopeType
 from budgets.money import NANOS_PER_USD, Prices, usd_to_nanos
+from routing.views import wait_for_charges
 from spend.models import SpendEntry
 from tests.webhooks.stripe_objects import SECRET, event, post, resource
 
@@ -46,12 +47,14 @@ def value(text: str, name: str, **labels: str) -> float:
 
 
 def chat(gateway_url: str, key: str, **body) -> httpx2.Response:
-    return httpx2.post(
+    response = httpx2.post(
         f"{gateway_url}/v1/chat/completions",
         headers={"Authorization": f"Bearer {key}"},
         json={"model": "mistral-small-latest", "messages": MESSAGES, **body},
         timeout=30,
     )
+    wait_for_charges()  # a plain call is counted once charged, just after its reply
+    return response
 
 
 def test_it_counts_gateway_calls_refusals_spend_and_latency(

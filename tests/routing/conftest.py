@@ -8,6 +8,7 @@ from budgets import services
 from governance.asgi import application
 from routing import gateway, upstream
 from routing.simulator import running_simulator
+from routing.views import wait_for_charges
 from tests.asgi_server import serving
 
 
@@ -37,6 +38,7 @@ def gateway_url(transactional_db, settings):
     gateway.forget_keys()
     with serving(application, lifespan="on") as url:
         yield url
+        wait_for_charges()  # a reply can reach the test before its ledger row is written
     upstream.reset_client()
     upstream.breaker.reset()
 

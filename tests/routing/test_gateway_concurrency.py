@@ -12,6 +12,7 @@ from budgets import services
 from budgets.models import BudgetPeriod, Hold, HoldStatus, ScopeType
 from routing.catalog import get_catalog
 from routing.gateway import prompt_token_bound
+from routing.views import wait_for_charges
 from spend.models import SpendEntry
 
 pytestmark = pytest.mark.usefixtures("require_postgres")
@@ -44,6 +45,7 @@ def test_concurrent_calls_never_overspend(gateway_url, simulator, acme, acme_key
             )
 
     responses = asyncio.run(call_all())
+    wait_for_charges()
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 402}, {
         r.status_code: r.text for r in responses if r.status_code not in (200, 402)

@@ -19,23 +19,33 @@ from budgets.models import BudgetPeriod, Hold, HoldStatus, ScopeType
 from budgets.money import nanos_to_usd, usd_to_nanos
 from routing import upstream
 from routing.catalog import get_catalog
+from routing.views import wait_for_charges
 from spend.models import SpendEntry
 
 MESSAGES = [{"role": "user", "content": "Summarise the invoice from Acme for March."}]
 
 
+def settle(response):
+    """An httpx2 response hook: a plain call is charged just after its reply is sent,
+    so a test that reads the ledger next waits for that first."""
+    wait_for_charges()
+
+
 def mistral(url, key, **options):
-    return Mistral(api_key=key, server_url=url, **options)
+    client = httpx2.Client(event_hooks={"response": [settle]}, timeout=120)
+    return Mistral(api_key=key, server_url=url, client=client, **options)
 
 
 def chat(gateway_url, key, **body):
     """POST a chat completion with the agent's key; body fields default to a small call."""
-    return httpx2.post(
+    response = httpx2.post(
         f"{gateway_url}/v1/chat/completions",
         headers={"Authorization": f"Bearer {key}"},
         json={"model": "mistral-small-latest", "messages": MESSAGES, **body},
         timeout=30,
     )
+    wait_for_charges()
+    return response
 
 
 def upstream_requests(sim_url):
@@ -92,6 +102,7 @@ def test_the_openai_sdk_works_plain_and_streaming(gateway_url, simulator, acme_k
         model="ministral-8b-latest", messages=MESSAGES, max_tokens=50
     )
     completion = raw.parse()
+    wait_for_charges()
     assert completion.choices[0].message.content
     assert raw.headers["X-Governance-Model"] == "ministral-8b"
     assert raw.headers["X-Budget-State"] == "active"
