@@ -680,6 +680,7 @@ def capture(
         if claimed is None:
             locked = _locked_hold(request_id)
             if locked.status == HoldStatus.CAPTURED:
+                _record_crossings_shown(locked)
                 return SpendEntry.objects.get(request_id=request_id)
             if locked.status == HoldStatus.VOIDED:
                 raise HoldConflict(f"authorization {request_id} was voided; nothing to capture")
@@ -747,6 +748,22 @@ def _record_transitions(changes) -> None:
     for period_id, old, new, spent, limit in changes:
         if old != new:
             events += _events_for_transition(period_id, old, new, spent, limit)
+    if events:
+        BudgetEvent.objects.bulk_create(events, ignore_conflicts=True)
+
+
+def _record_crossings_shown(hold: Hold) -> None:
+    """The threshold events that the periods of a captured hold show were crossed.
+    A one-statement capture commits before its events are written; when writing them
+    fails, the caller retries the capture and it comes here: each event is recorded from
+    its period as it is now (spend and limit included), unless it already was."""
+    events: list[BudgetEvent] = []
+    for period in BudgetPeriod.objects.filter(hold_lines__hold=hold).exclude(
+        state=PeriodState.ACTIVE
+    ):
+        events += _events_for_transition(
+            period.pk, PeriodState.ACTIVE, period.state, period.spent_nanos, period.limit_nanos
+        )
     if events:
         BudgetEvent.objects.bulk_create(events, ignore_conflicts=True)
 

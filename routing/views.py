@@ -281,12 +281,14 @@ def _json(model: Any) -> str:
     return model.model_dump_json(by_alias=True)
 
 
-def _record_served(request_id: str, plan: gateway.CallPlan, cost_nanos: int | None = None) -> None:
-    """Count and log a call that went upstream (a stream's cost is not known yet)."""
+def _record_served(plan: gateway.CallPlan, cost_nanos: int | None = None) -> None:
+    """Count and log a call that went upstream (a stream's cost is not known yet), under
+    the id its reply and ledger row carry (a fallback's is the request's id with the
+    attempt appended)."""
     outcome = metrics.Outcome.DOWNGRADED if plan.downgraded_from else metrics.Outcome.ALLOWED
     metrics.count_call(outcome, plan.model.id, downgraded_from=plan.downgraded_from)
     logs.log_gateway_decision(
-        request_id,
+        plan.request_id,
         outcome,
         key=plan.key,
         model=plan.model.id,
@@ -349,25 +351,27 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
         reply["X-Request-Id"] = request_id
         return reply
     if original.get("stream"):
-        _record_served(request_id, plan)
+        _record_served(plan)
         return _streaming_response(plan, response, started)
     latency_ms = int((time.monotonic() - started) * 1000)
     tokens = _usage_tokens(response.usage)
     estimated = tokens is None
     if tokens is None:
         tokens = (plan.input_bound, plan.max_tokens)
-    charge = _charge(plan, tokens, estimated=estimated, latency_ms=latency_ms)
-    after_reply = _after_reply.get()
-    if after_reply is None:
-        await charge
-    else:
-        after_reply.append(_settling_task(charge))
     reply = HttpResponse(
         upstream.last_json_body() or _json(response), content_type="application/json"
     )
     cost_nanos = gateway.cost_of(plan, *tokens)
     for name, value in gateway.governance_headers(plan, cost_nanos).items():
         reply[name] = value
+    charge = _settling_task(_charge(plan, tokens, estimated=estimated, latency_ms=latency_ms))
+    after_reply = _after_reply.get()
+    if after_reply is None:
+        # Django's own handler cancels the view when the agent disconnects; the
+        # upstream has answered, so the charge goes on regardless.
+        await asyncio.shield(charge)
+    else:
+        after_reply.append(charge)
     return reply
 
 
@@ -411,43 +415,82 @@ def wait_for_charges(timeout: float = 10) -> None:
         time.sleep(0.002)
 
 
+async def settle_charges(timeout: float) -> None:
+    """For shutdown: wait up to `timeout` seconds for the charges still running, and
+    say which did not finish (their calls were answered; see _charge)."""
+    pending = set(_settling)
+    if pending:
+        _, pending = await asyncio.wait(pending, timeout=timeout)
+    if pending:
+        log.error("%s answered calls were still being charged at shutdown", len(pending))
+
+
 async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms: int) -> None:
     """Capture a plain call, then count and log it. The upstream has answered, so a
     failure never withholds the answer: a database error is retried (capture is
     idempotent by request id), and after the last attempt the call is logged with what
     it used, and its hold stays until expire_holds releases it."""
-    for attempt in range(1, CHARGE_ATTEMPTS + 1):
+    try:
+        entry = await _capture_retrying(plan, tokens, estimated, latency_ms)
+    except asyncio.CancelledError:
+        # Only at shutdown, past its wait for charges (settle_charges). The capture's
+        # thread may still finish; say what the call used in case it does not.
+        _charge_failed(plan, tokens, "its charge was cut off by shutdown")
+        raise
+    except Exception:
+        _charge_failed(plan, tokens, "not charged")
+        return
+    try:
+        metrics.add_spend(plan.model.id, entry.cost_nanos)
+        _record_served(plan, entry.cost_nanos)
+    except Exception:  # the ledger has it; only its metric or log line is missing
+        log.exception("gateway call %s was charged but not counted", plan.request_id)
+
+
+async def _capture_retrying(plan, tokens, estimated: bool, latency_ms: int):
+    attempt = 1
+    while True:
         try:
-            entry = await in_thread(gateway.capture)(
+            return await in_thread(gateway.capture)(
                 plan,
                 prompt_tokens=tokens[0],
                 completion_tokens=tokens[1],
                 usage_estimated=estimated,
                 latency_ms=latency_ms,
             )
-        except Exception as exc:
-            if isinstance(exc, DatabaseError) and attempt < CHARGE_ATTEMPTS:
-                await asyncio.sleep(CHARGE_RETRY_SECONDS * 2 ** (attempt - 1))
-                continue
-            _charge_failed(plan, tokens)
-            return
-        metrics.add_spend(plan.model.id, entry.cost_nanos)
-        _record_served(plan.request_id, plan, entry.cost_nanos)
-        return
+        except DatabaseError as exc:
+            if attempt == CHARGE_ATTEMPTS:
+                raise
+            log.warning(
+                "charging gateway call %s failed (attempt %s of %s), retrying: %s",
+                plan.request_id,
+                attempt,
+                CHARGE_ATTEMPTS,
+                exc,
+                extra={"request_id": plan.request_id},
+            )
+            await asyncio.sleep(CHARGE_RETRY_SECONDS * 2 ** (attempt - 1))
+            attempt += 1
 
 
-def _charge_failed(plan, tokens: tuple[int, int]) -> None:
-    log.exception(
-        "gateway call %s was answered but not charged: %s prompt and %s completion tokens "
-        "on %s; its hold stays until it expires",
-        plan.request_id,
+def _charge_failed(plan, tokens: tuple[int, int], what: str) -> None:
+    request_id = plan.request_id
+    log.error(
+        "gateway call %s was answered but %s: %s prompt and %s completion tokens on %s; "
+        "its hold stays until it expires",
+        request_id,
+        what,
         tokens[0],
         tokens[1],
         plan.model.id,
-        extra={"request_id": plan.request_id},
+        exc_info=True,
+        extra={"request_id": request_id},
     )
-    metrics.count_uncharged(plan.model.id)
-    _record_served(plan.request_id, plan)
+    try:
+        metrics.count_uncharged(plan.model.id)
+        _record_served(plan)
+    except Exception:
+        log.exception("gateway call %s could not be counted", request_id)
 
 
 def _streaming_response(plan: gateway.CallPlan, stream, started: float) -> StreamingHttpResponse:

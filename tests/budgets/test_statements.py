@@ -1,12 +1,14 @@
 """A governed call costs a handful of statements (the issue's "a handful of database
 round trips at most"), however many budgets govern it."""
 
-from django.db import connection
+import pytest
+from django.db import OperationalError, connection
 from django.test.utils import CaptureQueriesContext
 
 from budgets import engine, services
 from budgets.models import BudgetEvent, EventKind, ScopeType
 from budgets.money import Prices
+from spend.models import SpendEntry
 
 PRICES = Prices(100, 1000)
 
@@ -65,6 +67,38 @@ def test_a_capture_that_crosses_thresholds_records_each_once(acme, now):
 
     (period,) = engine.state_of(acme, now=now).periods
     assert period.state == "degraded"
+    kinds = set(BudgetEvent.objects.filter(period=period).values_list("kind", flat=True))
+    assert kinds == {EventKind.WARNED, EventKind.DEGRADED}
+
+
+def test_a_capture_retried_after_its_events_failed_still_records_them(acme, now, monkeypatch):
+    """On PostgreSQL the capture commits in one statement before its events are written.
+    If writing them fails, the caller retries the capture, which finds the hold captured
+    and records the crossings its periods show. (On SQLite the failure rolls the whole
+    capture back and the retry does it again.)"""
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=100_000, now=now)
+    hold = engine.authorize(
+        engine.state_of(acme, now=now),
+        request_id="r-1",
+        model="mistral-small-latest",
+        prices=PRICES,
+        input_tokens=0,
+        max_output_tokens=90,
+    )
+    record_transitions = engine._record_transitions
+
+    def connection_lost(changes):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(engine, "_record_transitions", connection_lost)
+    with pytest.raises(OperationalError):
+        engine.capture(hold, prompt_tokens=0, completion_tokens=90)
+    monkeypatch.setattr(engine, "_record_transitions", record_transitions)
+    entry = engine.capture(hold, prompt_tokens=0, completion_tokens=90)
+
+    assert SpendEntry.objects.get() == entry
+    (period,) = engine.state_of(acme, now=now).periods
+    assert (period.state, period.spent_nanos) == ("degraded", entry.cost_nanos)
     kinds = set(BudgetEvent.objects.filter(period=period).values_list("kind", flat=True))
     assert kinds == {EventKind.WARNED, EventKind.DEGRADED}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -191,8 +192,9 @@ def test_the_hard_cap_refuses_with_when_it_resets(gateway_url, simulator, acme, 
     assert SpendEntry.objects.count() == 1  # only the earlier call
 
 
-def test_an_upstream_500_falls_back_to_the_next_model(gateway_url, simulator, acme_key):
+def test_an_upstream_500_falls_back_to_the_next_model(gateway_url, simulator, acme_key, caplog):
     simulator(fail_models={"mistral-large-latest": 500})
+    caplog.set_level(logging.INFO, logger="governance.gateway")
     response = chat(gateway_url, acme_key, model="mistral-large-latest", max_tokens=20)
     assert response.status_code == 200, response.text
     fallback = get_catalog().fallbacks("mistral-large")[0].id
@@ -201,6 +203,10 @@ def test_an_upstream_500_falls_back_to_the_next_model(gateway_url, simulator, ac
     assert_charged_exactly(entry, fallback)
     statuses = sorted(Hold.objects.values_list("status", flat=True))
     assert statuses == ["captured", "voided"]
+    # The decision is logged under the id the agent was given (the fallback's).
+    (served,) = [r for r in caplog.records if getattr(r, "decision", None) == "allowed"]
+    assert served.request_id == response.headers["X-Request-Id"]
+    assert served.cost_usd == nanos_to_usd(entry.cost_nanos)
 
 
 def test_an_upstream_timeout_answers_502_and_charges_nothing(
