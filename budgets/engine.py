@@ -756,7 +756,9 @@ def _record_crossings_shown(hold: Hold) -> None:
     """The threshold events that the periods of a captured hold show were crossed.
     A one-statement capture commits before its events are written; when writing them
     fails, the caller retries the capture and it comes here: each event is recorded from
-    its period as it is now (spend and limit included), unless it already was."""
+    its period as it is now (spend and limit included), unless it already was. A period
+    that has gone back below the threshold it crossed (a policy change in between) has
+    only its recovery recorded: the crossing is not known here."""
     events: list[BudgetEvent] = []
     for period in BudgetPeriod.objects.filter(hold_lines__hold=hold).exclude(
         state=PeriodState.ACTIVE

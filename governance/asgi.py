@@ -148,11 +148,6 @@ gateway_application = GatewayHandler()
 gc.freeze()
 
 
-# Shutdown gives answered calls this long to be charged (after uvicorn's own graceful
-# wait, which the gateway's requests spend waiting for their charges).
-SHUTDOWN_CHARGE_SECONDS = 5
-
-
 async def lifespan(receive, send):
     """Start-up needs nothing; shutdown waits for the charges of answered calls and
     closes the upstream connections."""
@@ -161,7 +156,7 @@ async def lifespan(receive, send):
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
-            await gateway_views.settle_charges(SHUTDOWN_CHARGE_SECONDS)
+            await gateway_views.settle_charges(settings.GATEWAY_SHUTDOWN_CHARGE_SECONDS)
             await upstream.close_client()
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -172,6 +172,11 @@ GATEWAY_DB_CONN_MAX_AGE = _setting("DB_CONN_MAX_AGE", env.int, 600)
 if GATEWAY_DB_CONN_MAX_AGE < 0:
     raise ImproperlyConfigured("DB_CONN_MAX_AGE: cannot be negative (0: a connection per call)")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Stopping: uvicorn lets requests in flight finish for SERVER_GRACEFUL_SHUTDOWN_SECONDS
+# (a gateway call ends once its charge is written), then the lifespan gives charges
+# still running GATEWAY_SHUTDOWN_CHARGE_SECONDS more (routing.views.settle_charges).
+SERVER_GRACEFUL_SHUTDOWN_SECONDS = 5
+GATEWAY_SHUTDOWN_CHARGE_SECONDS = 5
 
 # --- Cache and Celery ---------------------------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="").strip()

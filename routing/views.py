@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx2
@@ -65,19 +65,20 @@ def in_thread(function):
     and applies the threads' CONN_MAX_AGE, as it would at the end of a request.
     """
 
-    def run(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        finally:
-            close_old_connections()
-
     async def call(*args, **kwargs):
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(
-            _db_threads, functools.partial(context.run, run, *args, **kwargs)
+            _db_threads, functools.partial(context.run, _tidied, function, *args, **kwargs)
         )
 
     return call
+
+
+def _tidied(function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    finally:
+        close_old_connections()
 
 
 def close_db_connections() -> None:
@@ -358,20 +359,25 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
     estimated = tokens is None
     if tokens is None:
         tokens = (plan.input_bound, plan.max_tokens)
-    reply = HttpResponse(
-        upstream.last_json_body() or _json(response), content_type="application/json"
-    )
-    cost_nanos = gateway.cost_of(plan, *tokens)
-    for name, value in gateway.governance_headers(plan, cost_nanos).items():
-        reply[name] = value
-    charge = _settling_task(_charge(plan, tokens, estimated=estimated, latency_ms=latency_ms))
+    charge = _charge(plan, tokens, estimated=estimated, latency_ms=latency_ms)
+    try:
+        reply = HttpResponse(
+            upstream.last_json_body() or _json(response), content_type="application/json"
+        )
+        cost_nanos = gateway.cost_of(plan, *tokens)
+        for name, value in gateway.governance_headers(plan, cost_nanos).items():
+            reply[name] = value
+    except BaseException:
+        _settling_task(charge, plan.request_id)  # the upstream answered: charge it anyway
+        raise
+    task = _settling_task(charge, plan.request_id)
     after_reply = _after_reply.get()
     if after_reply is None:
         # Django's own handler cancels the view when the agent disconnects; the
         # upstream has answered, so the charge goes on regardless.
-        await asyncio.shield(charge)
+        await asyncio.shield(task)
     else:
-        after_reply.append(charge)
+        after_reply.append(task)
     return reply
 
 
@@ -398,8 +404,8 @@ def charges_after_reply() -> list[asyncio.Task]:
     return _after_reply.get() or []
 
 
-def _settling_task(charge) -> asyncio.Task:
-    task = asyncio.get_running_loop().create_task(charge)
+def _settling_task(charge, request_id: str) -> asyncio.Task:
+    task = asyncio.get_running_loop().create_task(charge, name=request_id)
     _settling.add(task)
     task.add_done_callback(_settling.discard)
     return task
@@ -417,12 +423,16 @@ def wait_for_charges(timeout: float = 10) -> None:
 
 async def settle_charges(timeout: float) -> None:
     """For shutdown: wait up to `timeout` seconds for the charges still running, and
-    say which did not finish (their calls were answered; see _charge)."""
+    name those that did not finish (each then logs what its call used; see _charge)."""
     pending = set(_settling)
     if pending:
         _, pending = await asyncio.wait(pending, timeout=timeout)
     if pending:
-        log.error("%s answered calls were still being charged at shutdown", len(pending))
+        log.error(
+            "%s answered calls were still being charged at shutdown: %s",
+            len(pending),
+            ", ".join(sorted(task.get_name() for task in pending)),
+        )
 
 
 async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms: int) -> None:
@@ -430,37 +440,33 @@ async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms:
     failure never withholds the answer: a database error is retried (capture is
     idempotent by request id), and after the last attempt the call is logged with what
     it used, and its hold stays until expire_holds releases it."""
-    try:
-        entry = await _capture_retrying(plan, tokens, estimated, latency_ms)
-    except asyncio.CancelledError:
-        # Only at shutdown, past its wait for charges (settle_charges). The capture's
-        # thread may still finish; say what the call used in case it does not.
-        _charge_failed(plan, tokens, "its charge was cut off by shutdown")
-        raise
-    except Exception:
-        _charge_failed(plan, tokens, "not charged")
-        return
-    try:
-        metrics.add_spend(plan.model.id, entry.cost_nanos)
-        _record_served(plan, entry.cost_nanos)
-    except Exception:  # the ledger has it; only its metric or log line is missing
-        log.exception("gateway call %s was charged but not counted", plan.request_id)
-
-
-async def _capture_retrying(plan, tokens, estimated: bool, latency_ms: int):
     attempt = 1
     while True:
+        capture = _db_threads.submit(
+            contextvars.copy_context().run,
+            _tidied,
+            gateway.capture,
+            plan,
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
+            usage_estimated=estimated,
+            latency_ms=latency_ms,
+        )
         try:
-            return await in_thread(gateway.capture)(
-                plan,
-                prompt_tokens=tokens[0],
-                completion_tokens=tokens[1],
-                usage_estimated=estimated,
-                latency_ms=latency_ms,
-            )
+            entry = await asyncio.wrap_future(capture)
+            break
+        except asyncio.CancelledError:
+            # Cancelled (at shutdown, once settle_charges gave up): a capture not yet
+            # started is cancelled with us; one already running finishes in its thread.
+            if capture.cancelled():
+                _charge_failed(plan, tokens, "not charged (cut off by shutdown)")
+            else:
+                capture.add_done_callback(functools.partial(_charged_late, plan, tokens))
+            raise
         except DatabaseError as exc:
             if attempt == CHARGE_ATTEMPTS:
-                raise
+                _charge_failed(plan, tokens, "not charged", exc)
+                return
             log.warning(
                 "charging gateway call %s failed (attempt %s of %s), retrying: %s",
                 plan.request_id,
@@ -469,11 +475,39 @@ async def _capture_retrying(plan, tokens, estimated: bool, latency_ms: int):
                 exc,
                 extra={"request_id": plan.request_id},
             )
+        except Exception as exc:
+            _charge_failed(plan, tokens, "not charged", exc)
+            return
+        try:
             await asyncio.sleep(CHARGE_RETRY_SECONDS * 2 ** (attempt - 1))
-            attempt += 1
+        except asyncio.CancelledError:
+            _charge_failed(plan, tokens, "not charged (cut off by shutdown)")
+            raise
+        attempt += 1
+    _charged(plan, entry)
 
 
-def _charge_failed(plan, tokens: tuple[int, int], what: str) -> None:
+def _charged(plan, entry) -> None:
+    try:
+        metrics.add_spend(plan.model.id, entry.cost_nanos)
+        _record_served(plan, entry.cost_nanos)
+    except Exception:  # the ledger has it; only its metric or log line is missing
+        log.exception("gateway call %s was charged but not counted", plan.request_id)
+
+
+def _charged_late(plan, tokens: tuple[int, int], capture: Future) -> None:
+    """A capture that went on in its thread after shutdown cut its call off."""
+    if capture.cancelled():
+        _charge_failed(plan, tokens, "not charged (cut off by shutdown)")
+    elif (exc := capture.exception()) is not None:
+        _charge_failed(plan, tokens, "not charged", exc)
+    else:
+        _charged(plan, capture.result())
+
+
+def _charge_failed(
+    plan, tokens: tuple[int, int], what: str, exc: BaseException | None = None
+) -> None:
     request_id = plan.request_id
     log.error(
         "gateway call %s was answered but %s: %s prompt and %s completion tokens on %s; "
@@ -483,7 +517,7 @@ def _charge_failed(plan, tokens: tuple[int, int], what: str) -> None:
         tokens[0],
         tokens[1],
         plan.model.id,
-        exc_info=True,
+        exc_info=exc,
         extra={"request_id": request_id},
     )
     try:

@@ -45,7 +45,8 @@ class Command(BaseCommand):
                 [
                     sys.executable, "-m", "uvicorn", "governance.asgi:application",
                     "--host", host, "--port", str(port), "--workers", str(workers),
-                    "--no-server-header", "--timeout-graceful-shutdown", "5",
+                    "--no-server-header",
+                    "--timeout-graceful-shutdown", str(settings.SERVER_GRACEFUL_SHUTDOWN_SECONDS),
                 ]
             )  # fmt: skip
             children.append(server)
@@ -56,9 +57,16 @@ class Command(BaseCommand):
             for child in reversed(children):
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
+            # The web server's shutdown: its graceful wait, then the charges still
+            # running (governance.asgi.lifespan); a few seconds' margin on top.
+            stopping = (
+                settings.SERVER_GRACEFUL_SHUTDOWN_SECONDS
+                + settings.GATEWAY_SHUTDOWN_CHARGE_SECONDS
+                + 5
+            )
             for child in children:
                 try:
-                    child.wait(timeout=10)
+                    child.wait(timeout=stopping)
                 except subprocess.TimeoutExpired:
                     child.kill()
 
