@@ -9,6 +9,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from budgets import services
@@ -255,6 +256,8 @@ def test_it_reads_what_the_engine_charged_and_the_rollup_summed(
     staff_client, acme, globex, acme_budget, globex_budget, monkeypatch
 ):
     monkeypatch.setattr(timezone, "now", lambda: datetime.now(UTC))
+    # The staff session was opened at NOW, and expires two weeks after it by the real clock.
+    staff_client.force_login(get_user_model().objects.get(username="alice"))
     charge(acme, "4")
     charge(globex, "1.25")
     rollup_hours()

@@ -57,16 +57,17 @@ class Command(BaseCommand):
             for child in reversed(children):
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
-            # The web server's shutdown: its graceful wait, then the charges still
-            # running (governance.asgi.lifespan); a few seconds' margin on top.
-            stopping = (
+            # Long enough for the web server's shutdown (its graceful wait, then the
+            # charges still running: governance.asgi.lifespan), with a margin; the
+            # children stop side by side, so one deadline serves them all.
+            deadline = time.monotonic() + (
                 settings.SERVER_GRACEFUL_SHUTDOWN_SECONDS
                 + settings.GATEWAY_SHUTDOWN_CHARGE_SECONDS
                 + 5
             )
             for child in children:
                 try:
-                    child.wait(timeout=stopping)
+                    child.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     child.kill()
 
