@@ -759,15 +759,11 @@ def _record_crossings_shown(hold: Hold) -> None:
     its period as it is now (spend and limit included), unless it already was. A period
     that has gone back below the threshold it crossed (a policy change in between) has
     only its recovery recorded: the crossing is not known here."""
-    events: list[BudgetEvent] = []
-    for period in BudgetPeriod.objects.filter(hold_lines__hold=hold).exclude(
-        state=PeriodState.ACTIVE
-    ):
-        events += _events_for_transition(
-            period.pk, PeriodState.ACTIVE, period.state, period.spent_nanos, period.limit_nanos
-        )
-    if events:
-        BudgetEvent.objects.bulk_create(events, ignore_conflicts=True)
+    periods = BudgetPeriod.objects.filter(hold_lines__hold=hold)
+    _record_transitions(
+        (period.pk, PeriodState.ACTIVE, period.state, period.spent_nanos, period.limit_nanos)
+        for period in periods
+    )
 
 
 def _capture_in_one_statement(

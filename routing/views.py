@@ -66,12 +66,14 @@ def in_thread(function):
     """
 
     async def call(*args, **kwargs):
-        context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(
-            _db_threads, functools.partial(context.run, _tidied, function, *args, **kwargs)
-        )
+        return await asyncio.wrap_future(_submit(function, *args, **kwargs))
 
     return call
+
+
+def _submit(function, *args, **kwargs) -> Future:
+    """`function` submitted to the database threads, in the caller's context (in_thread)."""
+    return _db_threads.submit(contextvars.copy_context().run, _tidied, function, *args, **kwargs)
 
 
 def _tidied(function, *args, **kwargs):
@@ -359,18 +361,17 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
     estimated = tokens is None
     if tokens is None:
         tokens = (plan.input_bound, plan.max_tokens)
-    charge = _charge(plan, tokens, estimated=estimated, latency_ms=latency_ms)
-    try:
-        reply = HttpResponse(
-            upstream.last_json_body() or _json(response), content_type="application/json"
-        )
-        cost_nanos = gateway.cost_of(plan, *tokens)
-        for name, value in gateway.governance_headers(plan, cost_nanos).items():
-            reply[name] = value
-    except BaseException:
-        _settling_task(charge, plan.request_id)  # the upstream answered: charge it anyway
-        raise
-    task = _settling_task(charge, plan.request_id)
+    # The task starts only once this view awaits or returns: the reply is built first,
+    # and a failure to build it still leaves the call charged.
+    task = _settling_task(
+        _charge(plan, tokens, estimated=estimated, latency_ms=latency_ms), plan.request_id
+    )
+    reply = HttpResponse(
+        upstream.last_json_body() or _json(response), content_type="application/json"
+    )
+    cost_nanos = gateway.cost_of(plan, *tokens)
+    for name, value in gateway.governance_headers(plan, cost_nanos).items():
+        reply[name] = value
     after_reply = _after_reply.get()
     if after_reply is None:
         # Django's own handler cancels the view when the agent disconnects; the
@@ -442,9 +443,7 @@ async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms:
     it used, and its hold stays until expire_holds releases it."""
     attempt = 1
     while True:
-        capture = _db_threads.submit(
-            contextvars.copy_context().run,
-            _tidied,
+        capture = _submit(
             gateway.capture,
             plan,
             prompt_tokens=tokens[0],
@@ -496,10 +495,9 @@ def _charged(plan, entry) -> None:
 
 
 def _charged_late(plan, tokens: tuple[int, int], capture: Future) -> None:
-    """A capture that went on in its thread after shutdown cut its call off."""
-    if capture.cancelled():
-        _charge_failed(plan, tokens, "not charged (cut off by shutdown)")
-    elif (exc := capture.exception()) is not None:
+    """A capture that went on in its thread after shutdown cut its call off (it was
+    running, so it was not cancelled)."""
+    if (exc := capture.exception()) is not None:
         _charge_failed(plan, tokens, "not charged", exc)
     else:
         _charged(plan, capture.result())
