@@ -184,6 +184,26 @@ def resolve_model(catalog: Catalog, name: str) -> ModelSpec:
         ) from None
 
 
+def plain_model(key: ApiKey, body: dict[str, Any], requested: ModelSpec) -> ModelSpec | None:
+    """The model a plain call is sent to: the one the agent's strategy (or the catalog's
+    default) picks for what the body needs. None when no strategy can pick one."""
+    catalog = get_catalog()
+    try:
+        return catalog.choose(
+            key.agent.strategy or catalog.default_strategy,
+            requested.id,
+            required_capabilities(body),
+        )
+    except (UnknownStrategy, NoCapableModel):
+        return None
+
+
+def asked_max_tokens(body: dict[str, Any], model: ModelSpec) -> int:
+    """max_tokens as the body asks (the model's most when it does not), never more than
+    the model allows: what a call holds for unless the budgets clamp it."""
+    return min(body.get("max_tokens") or model.max_output_tokens, model.max_output_tokens)
+
+
 def _plain_plan(
     key: ApiKey,
     body: dict[str, Any],
@@ -200,14 +220,8 @@ def _plain_plan(
     and the budgets as read (None where nothing was read) for the general decision."""
     if not engine.authorizes_in_one_statement():
         return None, None
-    catalog = get_catalog()
-    try:
-        model = catalog.choose(
-            key.agent.strategy or catalog.default_strategy,
-            requested.id,
-            required_capabilities(body),
-        )
-    except (UnknownStrategy, NoCapableModel):
+    model = plain_model(key, body, requested)
+    if model is None:
         return None, None  # the general decision answers, after the budget checks
     input_bound = prompt_token_bound(body) if input_tokens is None else input_tokens
     if input_bound >= model.context_window:
@@ -220,9 +234,7 @@ def _plain_plan(
         model=model.id,
         prices=model.prices,
         input_tokens=input_bound,
-        max_output_tokens=min(
-            body.get("max_tokens") or model.max_output_tokens, model.max_output_tokens
-        ),
+        max_output_tokens=asked_max_tokens(body, model),
         policy_strategy_matters=not key.agent.strategy,
     )
     if hold is None:
@@ -301,9 +313,7 @@ def plan_call(
     for candidate in candidates:
         if input_bound >= candidate.context_window:
             continue
-        wanted = min(
-            body.get("max_tokens") or candidate.max_output_tokens, candidate.max_output_tokens
-        )
+        wanted = asked_max_tokens(body, candidate)
         try:
             hold = engine.authorize(
                 scope,

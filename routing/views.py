@@ -7,6 +7,7 @@ work (the budget engine) runs in a thread pool, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import json
@@ -183,10 +184,58 @@ def read_json(request: HttpRequest) -> dict[str, Any]:
 
 
 def upstream_arguments(plan: gateway.CallPlan) -> tuple[dict[str, Any], dict[str, Any]]:
-    body = {**plan.body, "model": plan.model.upstream_name, "max_tokens": plan.max_tokens}
+    return _upstream_arguments(plan.body, plan.model, plan.max_tokens)
+
+
+def _upstream_arguments(body, model, max_tokens: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SDK's arguments, and its request options, for this body on this model."""
+    body = {**body, "model": model.upstream_name, "max_tokens": max_tokens}
     body.pop("stream", None)
     known, extra = upstream.split_fields(body)
     return known, upstream.request_options(extra)
+
+
+def _prepared_call(key: ApiKey, body: dict[str, Any]) -> upstream.PreparedCall | None:
+    """The upstream call of the common plan, prepared while the hold is placed: the
+    model the strategy picks, max_tokens as asked (gateway._plain_plan). None when no
+    model can be named before the plan."""
+    try:
+        requested = gateway.resolve_model(get_catalog(), body["model"])
+    except GovernanceError:
+        return None
+    model = gateway.plain_model(key, body, requested)
+    if model is None:
+        return None
+    known, options = _upstream_arguments(body, model, gateway.asked_max_tokens(body, model))
+    return upstream.PreparedCall(known, options, stream=bool(body.get("stream")))
+
+
+def _starting(prepared: upstream.PreparedCall | None, function):
+    """`function`, which, from the database thread that runs it, first has `prepared`
+    start on this event loop: the thread holds the interpreter until its statement
+    is sent, and the SDK builds the request while the database answers."""
+    if prepared is None:
+        return function
+    loop = asyncio.get_running_loop()
+
+    def run(*args, **kwargs):
+        with contextlib.suppress(RuntimeError):  # the loop closed: nothing to prepare
+            loop.call_soon_threadsafe(prepared.start)
+        return function(*args, **kwargs)
+
+    return run
+
+
+def _sdk_call(known, options, *, stream: bool, prepared: upstream.PreparedCall | None):
+    """The SDK call with these arguments: the prepared one if it has exactly them (it
+    is withdrawn otherwise)."""
+    if prepared is not None:
+        if prepared.arguments == (known, options):
+            return prepared.send
+        prepared.withdraw()
+    chat = upstream.client().chat
+    function = chat.stream_async if stream else chat.complete_async
+    return functools.partial(function, **known, **options)
 
 
 def _is_upstream_failure(exc: BaseException) -> bool:
@@ -228,21 +277,21 @@ async def _next_plan(plan, key, original, user_key, tried: set[str], attempt: in
     return None
 
 
-async def _open_upstream(plan, key, original, user_key, *, stream: bool):
+async def _open_upstream(plan, key, original, user_key, *, stream: bool, prepared=None):
     """Call upstream, falling back along the model's chain on failures. Returns the plan
-    that succeeded and the response (or open stream)."""
+    that succeeded and the response (or open stream). The first attempt sends
+    `prepared` if the plan asks for its arguments."""
     tried: set[str] = set()
     attempt = 0
     while True:
         tried.add(plan.model.id)
         if not upstream.breaker.is_open(plan.model.id):
             known, options = upstream_arguments(plan)
+            call = _sdk_call(known, options, stream=stream, prepared=prepared)
+            prepared = None  # a fallback's request is its own
             started = time.monotonic()
             try:
-                if stream:
-                    response = await upstream.client().chat.stream_async(**known, **options)
-                else:
-                    response = await upstream.client().chat.complete_async(**known, **options)
+                response = await call()
             except ValidationError as exc:
                 await in_thread(gateway.void)(plan)
                 raise InvalidRequest(
@@ -338,12 +387,18 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
         key = await authenticate(bearer_key(request))
         original = gateway.validate_chat_request(read_json(request))
         user_key = request.headers.get("X-End-User", "").strip()
-        plan = await in_thread(gateway.plan_call)(
-            key, original, request_id=request_id, user_key=user_key
-        )
-        plan, response, started = await _open_upstream(
-            plan, key, original, user_key, stream=bool(original.get("stream"))
-        )
+        prepared = _prepared_call(key, original)
+        try:
+            plan = await in_thread(_starting(prepared, gateway.plan_call))(
+                key, original, request_id=request_id, user_key=user_key
+            )
+            stream = bool(original.get("stream"))
+            plan, response, started = await _open_upstream(
+                plan, key, original, user_key, stream=stream, prepared=prepared
+            )
+        finally:
+            if prepared is not None:
+                prepared.withdraw()  # not sent: refused, or cut off
     except GovernanceError as exc:
         outcome, status = metrics.outcome_of_error(exc.code), status_for(exc.code)
         _record_failed(request_id, outcome, status, code=exc.code, key=key, plan=plan)
