@@ -51,14 +51,25 @@ _SECRETS = re.compile(
 )
 
 
+# Every match of _SECRETS contains one of these. Looking for them first is ~30 times
+# faster than the regex on a line with none, as nearly every line is (a gateway call's
+# log line took 27 of its 41 microseconds in the regex).
+_SECRET_MARKERS = (
+    "sgk_", "whsec_", "sk_live_", "sk_test_", "rk_live_", "rk_test_", "earer", "v0=", "v1="
+)  # fmt: skip
+
+
+def _mask(match: re.Match) -> str:
+    return (match["agent_key"] or match["bearer"] or "") + REDACTED
+
+
 def redact(text: str) -> str:
     """The text with anything shaped like a key, secret or signature masked. An agent
     key keeps its id (sgk_<id>_), which names the key without being it."""
-
-    def mask(match: re.Match) -> str:
-        return (match["agent_key"] or match["bearer"] or "") + REDACTED
-
-    return _SECRETS.sub(mask, text)
+    for marker in _SECRET_MARKERS:
+        if marker in text:
+            return _SECRETS.sub(_mask, text)
+    return text
 
 
 class JsonFormatter(logging.Formatter):

@@ -63,6 +63,11 @@ def test_it_includes_the_exception_on_the_same_line():
         ("stripe sk_live_51HabcDEF123", "stripe [redacted]"),
         ("Authorization: Bearer abc.def-ghi", "Authorization: Bearer [redacted]"),
         ("t=1700000000,v1=" + "a" * 64, "t=1700000000,[redacted]"),
+        ("t=1700000000,v0=" + "b" * 64, "t=1700000000,[redacted]"),
+        ("restricted rk_live_9Zq", "restricted [redacted]"),
+        ("restricted rk_test_1", "restricted [redacted]"),
+        ("stripe sk_test_2", "stripe [redacted]"),
+        ("header bearer tok-123", "header bearer [redacted]"),
         ("an ordinary message about cus_acme", "an ordinary message about cus_acme"),
     ],
 )
