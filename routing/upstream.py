@@ -4,9 +4,8 @@ The SDK has a named argument for every field Mistral documents; a field it does 
 know would be dropped, so those travel in a private header that a small transport
 merges back into the JSON body (the fields the SDK serialized win).
 
-The same transport holds a request back while its call's hold is being placed
-(PreparedCall): the SDK builds the request meanwhile, and nothing is sent before the
-plan asks for exactly that request.
+The same transport holds back a request prepared while its call's hold is placed
+(routing.prepared): nothing is sent before the plan asks for exactly that request.
 """
 
 from __future__ import annotations
@@ -39,15 +38,16 @@ SDK_FIELDS = frozenset(
 )  # fmt: skip
 
 
-# Set in a PreparedCall's task: its request waits for this future before it is sent.
-_held_back_until: contextvars.ContextVar[asyncio.Future | None] = contextvars.ContextVar(
+# Set in a prepared call's task (routing.prepared): its request waits for this future
+# before it is sent, and is never sent if the future fails.
+held_back_until: contextvars.ContextVar[asyncio.Future | None] = contextvars.ContextVar(
     "held_back_until", default=None
 )
 
 
 class ExtraFieldsTransport(httpx2.AsyncBaseTransport):
     """Merges the fields the SDK does not know back into the JSON body, then sends the
-    request through `inner`: once its PreparedCall lets it go, if it has one."""
+    request through `inner`: once its prepared call lets it go, if it has one."""
 
     def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
         self.inner = inner
@@ -56,9 +56,10 @@ class ExtraFieldsTransport(httpx2.AsyncBaseTransport):
         await self.inner.aclose()
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        gate = _held_back_until.get()
+        gate = held_back_until.get()
         if gate is not None:
-            await gate  # a withdrawn call is cancelled here, before anything is sent
+            await gate  # a withdrawn call fails here, before anything is sent
+            held_back_until.set(None)
         extra = request.headers.get(EXTRA_FIELDS_HEADER)
         if extra is not None:
             body = json.loads(request.content or b"{}")
@@ -235,67 +236,6 @@ def reset_client() -> None:
     """Forget the client (tests and settings changes); its connections are closed."""
     if (transport := _take_transport()) is not None:
         transport.forget()
-
-
-PREPARED_TASK_NAME = "prepared upstream call"
-
-
-class PreparedCall:
-    """An upstream call the SDK builds while the call's hold is being placed, and sends
-    only if the plan turns out to ask for exactly its arguments.
-
-    Building the request (the SDK's pydantic models and serialization) costs about as
-    much as the hold's database round trip; done meanwhile, it is off the agent's wait.
-    Nothing leaves before `send()`: the transport holds the request back until then,
-    and `withdraw()` cancels it there. `start()` should come once the hold's thread is
-    running, so that thread takes the interpreter first and its statement is on its
-    way while the SDK builds."""
-
-    def __init__(self, known: dict[str, Any], options: dict[str, Any], *, stream: bool) -> None:
-        self.arguments = (known, options)
-        self._stream = stream
-        self._withdrawn = False
-        self._gate: asyncio.Future | None = None
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        """Begin building (on the event loop). Once withdrawn, nothing is built."""
-        if self._task is not None or self._withdrawn:
-            return
-        loop = asyncio.get_running_loop()
-        self._gate = loop.create_future()
-        self._task = loop.create_task(self._call(), name=PREPARED_TASK_NAME)
-        self._task.add_done_callback(_retrieve)
-
-    async def _call(self):
-        _held_back_until.set(self._gate)  # this task's own context
-        chat = client().chat
-        known, options = self.arguments
-        call = chat.stream_async if self._stream else chat.complete_async
-        response = await call(**known, **options)
-        return response, last_response.get()
-
-    async def send(self):
-        """Let the request go and wait for the upstream's answer (or open stream), as
-        the SDK call would return it. The SDK's errors are raised here."""
-        self.start()
-        self._gate.set_result(None)
-        response, raw = await self._task
-        last_response.set(raw)
-        return response
-
-    def withdraw(self) -> None:
-        """Never send it (the plan asks for something else, or there is no plan).
-        After send(), nothing to do."""
-        self._withdrawn = True
-        if self._task is not None and not self._gate.done():
-            self._task.cancel()
-
-
-def _retrieve(task: asyncio.Task) -> None:
-    """A withdrawn call's failure (a request the SDK refused to build) is nobody's."""
-    if not task.cancelled():
-        task.exception()
 
 
 def last_json_body() -> bytes | None:

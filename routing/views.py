@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -31,8 +32,8 @@ from budgets.models import ApiKey
 from governance import logs, metrics
 from governance.http import error_details, status_for
 
-from . import gateway, upstream
-from .catalog import get_catalog
+from . import gateway, prepared, upstream
+from .catalog import ModelSpec, get_catalog
 
 log = logging.getLogger("governance.gateway")
 
@@ -187,7 +188,9 @@ def upstream_arguments(plan: gateway.CallPlan) -> tuple[dict[str, Any], dict[str
     return _upstream_arguments(plan.body, plan.model, plan.max_tokens)
 
 
-def _upstream_arguments(body, model, max_tokens: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _upstream_arguments(
+    body: dict[str, Any], model: ModelSpec, max_tokens: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The SDK's arguments, and its request options, for this body on this model."""
     body = {**body, "model": model.upstream_name, "max_tokens": max_tokens}
     body.pop("stream", None)
@@ -195,44 +198,49 @@ def _upstream_arguments(body, model, max_tokens: int) -> tuple[dict[str, Any], d
     return known, upstream.request_options(extra)
 
 
-def _prepared_call(key: ApiKey, body: dict[str, Any]) -> upstream.PreparedCall | None:
-    """The upstream call of the common plan, prepared while the hold is placed: the
-    model the strategy picks, max_tokens as asked (gateway._plain_plan). None when no
-    model can be named before the plan."""
+def _prepared_call(key: ApiKey, body: dict[str, Any]) -> prepared.PreparedCall | None:
+    """The upstream call of the common plan (gateway._plain_plan): the model the
+    strategy picks, max_tokens as asked. None when no model can be named before the
+    plan, or its circuit is open (the plan then falls back)."""
     try:
         requested = gateway.resolve_model(get_catalog(), body["model"])
     except GovernanceError:
         return None
     model = gateway.plain_model(key, body, requested)
-    if model is None:
+    if model is None or upstream.breaker.is_open(model.id):
         return None
     known, options = _upstream_arguments(body, model, gateway.asked_max_tokens(body, model))
-    return upstream.PreparedCall(known, options, stream=bool(body.get("stream")))
+    return prepared.PreparedCall(known, options, stream=bool(body.get("stream")))
 
 
-def _starting(prepared: upstream.PreparedCall | None, function):
-    """`function`, which, from the database thread that runs it, first has `prepared`
-    start on this event loop: the thread holds the interpreter until its statement
-    is sent, and the SDK builds the request while the database answers."""
-    if prepared is None:
+def _preparing(call: prepared.PreparedCall | None, function: Callable) -> Callable:
+    """`function`, which first has `call` start building on this event loop, from the
+    database thread that runs it (PreparedCall.start says why then)."""
+    if call is None:
         return function
     loop = asyncio.get_running_loop()
 
     def run(*args, **kwargs):
         with contextlib.suppress(RuntimeError):  # the loop closed: nothing to prepare
-            loop.call_soon_threadsafe(prepared.start)
+            loop.call_soon_threadsafe(call.start)
         return function(*args, **kwargs)
 
     return run
 
 
-def _sdk_call(known, options, *, stream: bool, prepared: upstream.PreparedCall | None):
-    """The SDK call with these arguments: the prepared one if it has exactly them (it
-    is withdrawn otherwise)."""
-    if prepared is not None:
-        if prepared.arguments == (known, options):
-            return prepared.send
-        prepared.withdraw()
+def _sdk_call(
+    known: dict[str, Any],
+    options: dict[str, Any],
+    *,
+    stream: bool,
+    ready: prepared.PreparedCall | None,
+) -> Callable[[], Awaitable[Any]]:
+    """The SDK call with these arguments: `ready` if it has exactly them (it is
+    withdrawn otherwise)."""
+    if ready is not None:
+        if ready.arguments == (known, options):
+            return ready.send
+        ready.withdraw()
     chat = upstream.client().chat
     function = chat.stream_async if stream else chat.complete_async
     return functools.partial(function, **known, **options)
@@ -277,18 +285,18 @@ async def _next_plan(plan, key, original, user_key, tried: set[str], attempt: in
     return None
 
 
-async def _open_upstream(plan, key, original, user_key, *, stream: bool, prepared=None):
+async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=None):
     """Call upstream, falling back along the model's chain on failures. Returns the plan
-    that succeeded and the response (or open stream). The first attempt sends
-    `prepared` if the plan asks for its arguments."""
+    that succeeded and the response (or open stream). The first attempt sends `ready`
+    (a PreparedCall) if the plan asks for its arguments; it is withdrawn otherwise."""
     tried: set[str] = set()
     attempt = 0
     while True:
         tried.add(plan.model.id)
+        first, ready = ready, None  # a fallback's request is its own
         if not upstream.breaker.is_open(plan.model.id):
             known, options = upstream_arguments(plan)
-            call = _sdk_call(known, options, stream=stream, prepared=prepared)
-            prepared = None  # a fallback's request is its own
+            call = _sdk_call(known, options, stream=stream, ready=first)
             started = time.monotonic()
             try:
                 response = await call()
@@ -313,6 +321,8 @@ async def _open_upstream(plan, key, original, user_key, *, stream: bool, prepare
                 metrics.observe_upstream_latency(plan.model.id, time.monotonic() - started)
                 return plan, response, started
         else:
+            if first is not None:
+                first.withdraw()
             await in_thread(gateway.void)(plan)
         attempt += 1
         plan = await _next_plan(plan, key, original, user_key, tried, attempt)
@@ -387,18 +397,18 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
         key = await authenticate(bearer_key(request))
         original = gateway.validate_chat_request(read_json(request))
         user_key = request.headers.get("X-End-User", "").strip()
-        prepared = _prepared_call(key, original)
+        ready = _prepared_call(key, original)
         try:
-            plan = await in_thread(_starting(prepared, gateway.plan_call))(
+            plan = await in_thread(_preparing(ready, gateway.plan_call))(
                 key, original, request_id=request_id, user_key=user_key
             )
             stream = bool(original.get("stream"))
             plan, response, started = await _open_upstream(
-                plan, key, original, user_key, stream=stream, prepared=prepared
+                plan, key, original, user_key, stream=stream, ready=ready
             )
         finally:
-            if prepared is not None:
-                prepared.withdraw()  # not sent: refused, or cut off
+            if ready is not None:
+                ready.withdraw()  # unless sent: refused, or the agent is gone
     except GovernanceError as exc:
         outcome, status = metrics.outcome_of_error(exc.code), status_for(exc.code)
         _record_failed(request_id, outcome, status, code=exc.code, key=key, plan=plan)

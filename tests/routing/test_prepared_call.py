@@ -10,12 +10,13 @@ import threading
 
 import httpx2
 import pytest
+from django.conf import settings
 from pydantic import ValidationError
 
 from budgets import services
 from budgets.models import Hold, HoldStatus, ScopeType
 from budgets.money import usd_to_nanos
-from routing import gateway, upstream
+from routing import gateway, prepared, upstream
 from routing.simulator import running_simulator
 from spend.models import SpendEntry
 
@@ -33,27 +34,75 @@ def prepared_calls_pending(caplog) -> list:
         task
         for task in gc.get_objects()
         if isinstance(task, asyncio.Task)
-        and task.get_name() == upstream.PREPARED_TASK_NAME
+        and task.get_name() == prepared.TASK_NAME
         and not task.done()
     ]
     dropped = [
         record
         for record in caplog.records
-        if record.name == "asyncio" and upstream.PREPARED_TASK_NAME in record.getMessage()
+        if record.name == "asyncio" and prepared.TASK_NAME in record.getMessage()
     ]
     return pending + dropped
 
 
-def test_the_common_call_sends_its_prepared_request_once(gateway_url, simulator, acme_key, caplog):
+def spy_on(monkeypatch, name: str) -> list[prepared.PreparedCall]:
+    """The prepared calls whose method `name` ran (sent, or withdrawn)."""
+    seen, real = [], getattr(prepared.PreparedCall, name)
+
+    def spy(self, *args, **kwargs):
+        seen.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(prepared.PreparedCall, name, spy)
+    return seen
+
+
+def test_the_common_call_sends_its_prepared_request_once(
+    gateway_url, simulator, acme_key, monkeypatch, caplog
+):
     sim = simulator()
+    sent_prepared = spy_on(monkeypatch, "send")
     response = chat(gateway_url, acme_key, max_tokens=20)
     assert response.status_code == 200, response.text
+    assert len(sent_prepared) == 1  # the request built while the hold was placed
     (sent,) = upstream_requests(sim)
     assert sent["body"]["model"] == "mistral-small-latest"
-    assert prepared_calls_pending(caplog) == []
     assert sent["body"]["max_tokens"] == 20
     assert sent["body"]["messages"] == MESSAGES
     assert SpendEntry.objects.get().request_id == response.headers["X-Request-Id"]
+    assert prepared_calls_pending(caplog) == []
+
+
+def test_a_prepared_stream_is_sent_once(gateway_url, simulator, acme_key, monkeypatch, caplog):
+    sim = simulator()
+    sent_prepared = spy_on(monkeypatch, "send")
+    with httpx2.stream(
+        "POST",
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}"},
+        json={**SMALL, "stream": True},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        assert response.read().endswith(b"data: [DONE]\n\n")
+    assert len(sent_prepared) == 1
+    (sent,) = upstream_requests(sim)
+    assert sent["body"]["stream"] is True
+    assert prepared_calls_pending(caplog) == []
+
+
+def test_after_an_upstream_failure_the_fallback_sends_its_own_request(
+    gateway_url, simulator, acme_key, caplog
+):
+    sim = simulator(fail_models={"mistral-large-latest": 500})
+    response = chat(gateway_url, acme_key, model="mistral-large-latest", max_tokens=20)
+    assert response.status_code == 200, response.text
+    models = [sent["body"]["model"] for sent in upstream_requests(sim)]
+    assert models[0] == "mistral-large-latest"  # the prepared request, answered 500
+    assert models[1:] == [
+        gateway.get_catalog().resolve(response.headers["X-Governance-Model"]).upstream_name
+    ]
+    assert prepared_calls_pending(caplog) == []
 
 
 def test_a_refused_call_sends_nothing_upstream(
@@ -105,20 +154,46 @@ def test_a_clamped_call_sends_only_the_clamped_request(gateway_url, simulator, a
     assert sent["body"]["max_tokens"] == Hold.objects.get().max_output_tokens < 100_000
 
 
-def test_an_agent_that_hangs_up_during_the_hold_sends_nothing_upstream(
+def test_a_circuit_that_opens_during_the_hold_withdraws_the_prepared_request(
     gateway_url, simulator, acme_key, monkeypatch, caplog
 ):
     sim = simulator()
+    real_plan_call = gateway.plan_call
+
+    def plan_call_while_large_fails(*args, **kwargs):
+        if not upstream.breaker.is_open("mistral-large"):  # another call saw it fail
+            for _ in range(settings.CIRCUIT_BREAKER_FAILURES):
+                upstream.breaker.record_failure("mistral-large")
+        return real_plan_call(*args, **kwargs)
+
+    monkeypatch.setattr(gateway, "plan_call", plan_call_while_large_fails)
+    response = chat(gateway_url, acme_key, model="mistral-large-latest", max_tokens=20)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Governance-Model"] != "mistral-large"
+    (sent,) = upstream_requests(sim)
+    assert sent["body"]["model"] != "mistral-large-latest"
+    assert prepared_calls_pending(caplog) == []
+
+
+def test_an_agent_that_hangs_up_during_the_hold_sends_nothing_upstream(
+    gateway_url, simulator, acme_key, monkeypatch, caplog
+):
+    """The hold is placed only once the agent is gone and its call withdrawn."""
+    sim = simulator()
+    withdrawn = spy_on(monkeypatch, "withdraw")
     real_plan_call, planned = gateway.plan_call, threading.Event()
 
-    def slow_plan_call(*args, **kwargs):
+    def plan_call_once_withdrawn(*args, **kwargs):
         try:
-            threading.Event().wait(0.6)  # the agent gives up meanwhile
+            for _ in range(500):
+                if withdrawn:
+                    break
+                threading.Event().wait(0.01)
             return real_plan_call(*args, **kwargs)
         finally:
             planned.set()
 
-    monkeypatch.setattr(gateway, "plan_call", slow_plan_call)
+    monkeypatch.setattr(gateway, "plan_call", plan_call_once_withdrawn)
     with pytest.raises(httpx2.ReadTimeout):
         httpx2.post(
             f"{gateway_url}/v1/chat/completions",
@@ -126,8 +201,9 @@ def test_an_agent_that_hangs_up_during_the_hold_sends_nothing_upstream(
             json=SMALL,
             timeout=0.2,
         )
-    assert planned.wait(5)
-    threading.Event().wait(0.3)  # time for a request that should not be sent
+    assert planned.wait(10)
+    assert len(withdrawn) == 1
+    threading.Event().wait(0.2)  # time for a request that should not be sent
     assert upstream_requests(sim) == []
     assert prepared_calls_pending(caplog) == []
     # The hold placed after the agent left is released when it expires.
@@ -146,9 +222,9 @@ def sim(settings):
     upstream.reset_client()
 
 
-def prepared(**body) -> upstream.PreparedCall:
+def call_for(**body) -> prepared.PreparedCall:
     known = {"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": 20, **body}
-    return upstream.PreparedCall(known, {}, stream=False)
+    return prepared.PreparedCall(known, {}, stream=False)
 
 
 def run_collecting_loop_errors(main):
@@ -170,7 +246,7 @@ def run_collecting_loop_errors(main):
 
 def test_nothing_is_sent_before_send_and_once_after(sim):
     async def main():
-        call = prepared()
+        call = call_for()
         call.start()
         await asyncio.sleep(0.3)  # built, and held back
         before = len(upstream_requests(sim))
@@ -187,16 +263,18 @@ def test_nothing_is_sent_before_send_and_once_after(sim):
 
 def test_a_withdrawn_call_is_never_sent(sim, caplog):
     async def main():
-        call = prepared()
+        call = call_for()
         call.start()
         await asyncio.sleep(0.3)
         call.withdraw()
         await asyncio.sleep(0.3)
         assert prepared_calls_pending(caplog) == []
-        never_started = prepared()
+        never_started = call_for()
         never_started.withdraw()
         never_started.start()  # too late: withdrawn calls build nothing
         await asyncio.sleep(0.1)
+        with pytest.raises(RuntimeError, match="withdrawn"):
+            await call.send()
 
     _, errors = run_collecting_loop_errors(main)
     assert upstream_requests(sim) == []
@@ -205,12 +283,12 @@ def test_a_withdrawn_call_is_never_sent(sim, caplog):
 
 def test_a_request_the_sdk_refuses_to_build_fails_at_send_or_is_dropped_quietly(sim):
     async def main():
-        refused = prepared(messages=[{"role": "nobody", "content": "hi"}])
+        refused = call_for(messages=[{"role": "nobody", "content": "hi"}])
         refused.start()
         await asyncio.sleep(0.1)
         with pytest.raises(ValidationError):
             await refused.send()
-        dropped = prepared(messages=[{"role": "nobody", "content": "hi"}])
+        dropped = call_for(messages=[{"role": "nobody", "content": "hi"}])
         dropped.start()
         await asyncio.sleep(0.1)
         dropped.withdraw()
