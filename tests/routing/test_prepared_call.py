@@ -296,3 +296,28 @@ def test_a_request_the_sdk_refuses_to_build_fails_at_send_or_is_dropped_quietly(
     _, errors = run_collecting_loop_errors(main)
     assert upstream_requests(sim) == []
     assert errors == []
+
+
+def test_a_withdrawn_call_fails_through_the_sdks_error_hooks(sim):
+    """Withdrawn at the gate with an exception, not a cancellation: hooks such as the
+    SDK's tracing span see the call end."""
+    seen = []
+
+    class Recorder:
+        def after_error(self, hook_ctx, response, error):
+            seen.append(error)
+            return response, error
+
+    async def main():
+        hooks = upstream.client().sdk_configuration.__dict__["_hooks"]
+        hooks.register_after_error_hook(Recorder())
+        call = call_for()
+        call.start()
+        await asyncio.sleep(0.2)  # at the gate
+        call.withdraw()
+        await asyncio.sleep(0.1)
+
+    _, errors = run_collecting_loop_errors(main)
+    assert [type(error) for error in seen] == [prepared.Withdrawn]
+    assert upstream_requests(sim) == []
+    assert errors == []
