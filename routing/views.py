@@ -235,12 +235,10 @@ def _sdk_call(
     stream: bool,
     ready: prepared.PreparedCall | None,
 ) -> Callable[[], Awaitable[Any]]:
-    """The SDK call with these arguments: `ready` if it has exactly them (it is
-    withdrawn otherwise)."""
-    if ready is not None:
-        if ready.arguments == (known, options):
-            return ready.send
-        ready.withdraw()
+    """The SDK call with these arguments: `ready` if it has exactly them (otherwise the
+    view withdraws it once the call is open)."""
+    if ready is not None and ready.arguments == (known, options):
+        return ready.send
     chat = upstream.client().chat
     function = chat.stream_async if stream else chat.complete_async
     return functools.partial(function, **known, **options)
@@ -288,7 +286,7 @@ async def _next_plan(plan, key, original, user_key, tried: set[str], attempt: in
 async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=None):
     """Call upstream, falling back along the model's chain on failures. Returns the plan
     that succeeded and the response (or open stream). The first attempt sends `ready`
-    (a PreparedCall) if the plan asks for its arguments; it is withdrawn otherwise."""
+    (a PreparedCall) if the plan asks for its arguments."""
     tried: set[str] = set()
     attempt = 0
     while True:
@@ -321,8 +319,6 @@ async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=N
                 metrics.observe_upstream_latency(plan.model.id, time.monotonic() - started)
                 return plan, response, started
         else:
-            if first is not None:
-                first.withdraw()
             await in_thread(gateway.void)(plan)
         attempt += 1
         plan = await _next_plan(plan, key, original, user_key, tried, attempt)
@@ -408,7 +404,7 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
             )
         finally:
             if ready is not None:
-                ready.withdraw()  # unless sent: refused, or the agent is gone
+                ready.withdraw()  # unless sent: refused, another plan, the agent gone
     except GovernanceError as exc:
         outcome, status = metrics.outcome_of_error(exc.code), status_for(exc.code)
         _record_failed(request_id, outcome, status, code=exc.code, key=key, plan=plan)

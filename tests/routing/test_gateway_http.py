@@ -167,9 +167,9 @@ def test_max_tokens_is_clamped_to_what_the_budget_can_pay(gateway_url, simulator
     )
     response = chat(gateway_url, acme_key, max_tokens=100_000)
     assert response.status_code == 200, response.text
-    sent = upstream_requests(sim)[-1]["body"]
+    (sent,) = upstream_requests(sim)  # only the clamped request (none prepared unclamped)
     hold = Hold.objects.get()
-    assert sent["max_tokens"] == hold.max_output_tokens < 100_000
+    assert sent["body"]["max_tokens"] == hold.max_output_tokens < 100_000
     period = BudgetPeriod.objects.get(policy__tenant=acme)
     assert period.spent_nanos <= period.hard_nanos
 

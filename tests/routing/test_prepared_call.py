@@ -144,17 +144,6 @@ def test_a_downgraded_call_sends_only_the_plans_request(
     assert prepared_calls_pending(caplog) == []
 
 
-def test_a_clamped_call_sends_only_the_clamped_request(gateway_url, simulator, acme, acme_key):
-    sim = simulator()
-    services.set_policy(
-        acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("0.001"), warn_at="1", soft_cap="1"
-    )
-    response = chat(gateway_url, acme_key, max_tokens=100_000)
-    assert response.status_code == 200, response.text
-    (sent,) = upstream_requests(sim)
-    assert sent["body"]["max_tokens"] == Hold.objects.get().max_output_tokens < 100_000
-
-
 def test_a_circuit_that_opens_during_the_hold_withdraws_the_prepared_request(
     gateway_url, simulator, acme_key, monkeypatch, caplog
 ):
