@@ -76,3 +76,38 @@ def test_serve_runs_the_simulator_and_stops_everything_on_sigterm(tmp_path):
         for pid in [*children, serve.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_child_that_ignores_sigterm_is_killed_with_what_it_started(tmp_path):
+    """As Celery's worker can: still in its warm shutdown at the deadline, with a pool
+    process of its own. Killing only the worker used to orphan the pool process."""
+    from governance.management.commands.serve import spawn, stop
+
+    grandchild_pid = tmp_path / "grandchild.pid"
+    stubborn = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "pool = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(grandchild_pid)!r}, 'w').write(str(pool.pid))\n"
+        "time.sleep(60)\n"
+    )
+    child = spawn([sys.executable, "-c", stubborn])
+    deadline = time.monotonic() + 10
+    while not grandchild_pid.exists() or not grandchild_pid.read_text():
+        assert time.monotonic() < deadline, "the child never started its own"
+        time.sleep(0.05)
+    pool = int(grandchild_pid.read_text())
+    started = time.monotonic()
+    stop([child], seconds=0.5)
+    assert time.monotonic() - started < 5
+    assert child.returncode == -signal.SIGKILL
+    for _ in range(100):  # the orphan is reaped by init once killed
+        if (
+            not Path(f"/proc/{pool}").exists()
+            or "zombie" in Path(f"/proc/{pool}/status").read_text()
+        ):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pool, signal.SIGKILL)
+        raise AssertionError("the child's own process outlived it")

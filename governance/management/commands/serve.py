@@ -1,8 +1,9 @@
 """Serve the service: uvicorn (ASGI) and, without MISTRAL_API_KEY, the local Mistral
-simulator as its upstream. Child processes are stopped when this command stops."""
+simulator as its upstream. Child processes (and theirs) are stopped when this command stops."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"Upstream: Mistral at {settings.MISTRAL_SERVER_URL}")
             if not no_periodic:
                 children.append(self._start_periodic_work())
-            server = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+            server = spawn(
                 [
                     sys.executable, "-m", "uvicorn", "governance.asgi:application",
                     "--host", host, "--port", str(port), "--workers", str(workers),
@@ -54,27 +55,19 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             pass
         finally:
-            for child in reversed(children):
-                if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
             # Long enough for the web server's shutdown (its graceful wait, then the
-            # charges still running: governance.asgi.lifespan), with a margin; the
-            # children stop side by side, so one deadline serves them all.
-            deadline = time.monotonic() + (
+            # charges still running: governance.asgi.lifespan), with a margin.
+            stop(
+                children,
                 settings.SERVER_GRACEFUL_SHUTDOWN_SECONDS
                 + settings.GATEWAY_SHUTDOWN_CHARGE_SECONDS
-                + 5
+                + 5,
             )
-            for child in children:
-                try:
-                    child.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    child.kill()
 
     def _start_periodic_work(self) -> subprocess.Popen:
         broker = "Redis" if settings.REDIS_URL else "a file-system broker under var/"
         self.stdout.write(f"Periodic tasks: a Celery worker with beat, on {broker}.")
-        return subprocess.Popen(
+        return spawn(
             [
                 sys.executable, "-m", "celery", "-A", "governance", "worker", "--beat",
                 "--scheduler", "django_celery_beat.schedulers:DatabaseScheduler",
@@ -88,7 +81,7 @@ class Command(BaseCommand):
             f"MISTRAL_API_KEY is not set: LLM calls go to the local Mistral SIMULATOR on "
             f"127.0.0.1:{port} (deterministic text, no real model)."
         )
-        simulator = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+        simulator = spawn(
             [
                 sys.executable, "manage.py", "simulate_mistral", "--host", "127.0.0.1",
                 "--port", str(port), "--log-level", "warning",
@@ -111,3 +104,25 @@ class Command(BaseCommand):
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def spawn(args: list[str]) -> subprocess.Popen:
+    """A child process leading its own process group (stop() ends the whole group)."""
+    return subprocess.Popen(args, process_group=0)  # noqa: S603 - our own arguments
+
+
+def stop(children: list[subprocess.Popen], seconds: float) -> None:
+    """SIGTERM to every child still running, then wait for them all, `seconds` in all
+    (they stop side by side). A child still running then is killed with its process
+    group: what it started too (Celery's pool), which killing the child alone left
+    running, orphaned, holding this command's output open."""
+    for child in reversed(children):
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + seconds
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
