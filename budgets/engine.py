@@ -499,6 +499,91 @@ def authorizes_in_one_statement() -> bool:
     return connection.vendor == "postgresql"
 
 
+@dataclass
+class PlainHold:
+    """The hold of a common call, not placed yet: what authorize_if_plain sends to the
+    database in one statement (sql.read_and_hold_sql), here or from the gateway's event
+    loop (budgets.pgloop)."""
+
+    tenant: Tenant
+    agent: Agent | None
+    user_key: str
+    now: datetime
+    hold: Hold
+    required: list[str]
+    policy_strategy_matters: bool
+
+    def params(self, db) -> dict:
+        """The statement's parameters; `db` is the Django connection it runs on."""
+        return sql.read_and_hold_params(
+            self.hold,
+            self.agent.pk if self.agent is not None else None,
+            self.now,
+            required=self.required,
+            no_policy_strategy=self.policy_strategy_matters,
+            db=db,
+        )
+
+    def outcome(self, hold_id, rows, locked, alias: str) -> tuple[BudgetScope | None, Hold | None]:
+        """(the scope after the hold, the hold) if the statement placed it. Otherwise
+        (None, None): the rows (as read, updated in place with what the statement locked)
+        are for scope_of(), which may create default policies and periods (the ORM)."""
+        for _, period in rows:  # what the statement locked is newer than what it read
+            if period is not None and period.pk in locked:
+                period.spent_nanos, period.held_nanos, period.state = locked[period.pk]
+        if hold_id is None:
+            return None, None
+        # Held: every policy had its period and default, so this creates nothing.
+        scope = _scope_of(self.tenant, self.agent, self.user_key, self.now, rows)
+        hold = self.hold
+        hold.pk, hold._state.adding, hold._state.db = hold_id, False, alias
+        return scope, hold
+
+
+def plain_hold(
+    tenant: Tenant,
+    agent: Agent | None,
+    user_key: str,
+    *,
+    request_id: str,
+    model: str,
+    prices: Prices,
+    input_tokens: int,
+    max_output_tokens: int,
+    policy_strategy_matters: bool,
+    now: datetime | None = None,
+) -> PlainHold:
+    """The common call's hold (authorize_if_plain), checked but not placed."""
+    _check_hold_request(request_id, input_tokens, max_output_tokens)
+    validate_user_key(user_key)
+    check_access(tenant, agent)
+    now = now or timezone.now()
+    wanted = _wanted_scopes(tenant, agent, user_key)
+    hold = _new_hold(
+        tenant, agent, user_key, now, request_id, model, prices, input_tokens, max_output_tokens
+    )
+    return PlainHold(
+        tenant,
+        agent,
+        user_key,
+        now,
+        hold,
+        required=[scope_type for scope_type in wanted if _has_default(scope_type, tenant)],
+        policy_strategy_matters=policy_strategy_matters,
+    )
+
+
+def scope_of(
+    tenant: Tenant,
+    agent: Agent | None,
+    user_key: str,
+    now: datetime,
+    rows: list[tuple[BudgetPolicy, BudgetPeriod | None]],
+) -> BudgetScope:
+    """state_of() from rows already read (sql.policies_with_open_periods' shape)."""
+    return _scope_of(tenant, agent, user_key, now, rows)
+
+
 def authorize_if_plain(
     tenant: Tenant,
     agent: Agent | None,
@@ -523,32 +608,25 @@ def authorize_if_plain(
     not apply: other databases, or a request id already used."""
     if not authorizes_in_one_statement():
         return None, None
-    _check_hold_request(request_id, input_tokens, max_output_tokens)
-    validate_user_key(user_key)
-    check_access(tenant, agent)
-    now = now or timezone.now()
-    wanted = _wanted_scopes(tenant, agent, user_key)
-    hold = _new_hold(
-        tenant, agent, user_key, now, request_id, model, prices, input_tokens, max_output_tokens
+    plain = plain_hold(
+        tenant,
+        agent,
+        user_key,
+        request_id=request_id,
+        model=model,
+        prices=prices,
+        input_tokens=input_tokens,
+        max_output_tokens=max_output_tokens,
+        policy_strategy_matters=policy_strategy_matters,
+        now=now,
     )
     try:
-        hold_id, rows, locked = sql.read_and_hold_postgres(
-            hold,
-            agent.pk if agent is not None else None,
-            now,
-            required=[scope_type for scope_type in wanted if _has_default(scope_type, tenant)],
-            no_policy_strategy=policy_strategy_matters,
-        )
+        hold_id, rows, locked = sql.read_and_hold_postgres(plain)
     except IntegrityError:  # the request id is taken: authorize() tells whose it is
         return None, None
-    for _, period in rows:  # what the statement locked is newer than what it read
-        if period is not None and period.pk in locked:
-            period.spent_nanos, period.held_nanos, period.state = locked[period.pk]
-    # Held: every policy had its period and default, so this creates nothing.
-    scope = _scope_of(tenant, agent, user_key, now, rows)
-    if hold_id is None:
-        return scope, None
-    hold.pk, hold._state.adding, hold._state.db = hold_id, False, connection.alias
+    scope, hold = plain.outcome(hold_id, rows, locked, connection.alias)
+    if hold is None:
+        return _scope_of(tenant, agent, user_key, plain.now, rows), None
     return scope, hold
 
 
@@ -704,7 +782,7 @@ def capture(
                 latency_ms,
             )
         )
-        _record_transitions(sql.charge(hold.pk, entry.cost_nanos, was_held))
+        record_transitions(sql.charge(hold.pk, entry.cost_nanos, was_held))
     return entry
 
 
@@ -741,7 +819,7 @@ def _ledger_entry(
     )
 
 
-def _record_transitions(changes) -> None:
+def record_transitions(changes) -> None:
     """A budget event for every threshold crossed: changes are (period id, old state,
     new state, spent, limit) rows from the statement that charged the periods."""
     events = []
@@ -760,7 +838,7 @@ def _record_crossings_shown(hold: Hold) -> None:
     that has gone back below the threshold it crossed (a policy change in between) has
     only its recovery recorded: the crossing is not known here."""
     periods = BudgetPeriod.objects.filter(hold_lines__hold=hold)
-    _record_transitions(
+    record_transitions(
         (period.pk, PeriodState.ACTIVE, period.state, period.spent_nanos, period.limit_nanos)
         for period in periods
     )
@@ -775,8 +853,28 @@ def _capture_in_one_statement(
 ) -> SpendEntry | None:
     """capture() of a hold this process placed and still believes held, on PostgreSQL:
     one statement, so one round trip and one commit. None if it is no longer held."""
+    entry = held_ledger_entry(hold, prompt_tokens, completion_tokens, usage_estimated, latency_ms)
+    result = sql.capture_postgres(hold, entry, timezone.now())
+    if result is None:
+        return None
+    entry_id, changes = result
+    captured(hold, entry, entry_id, connection.alias)
+    record_transitions(changes)
+    return entry
+
+
+def held_ledger_entry(
+    hold: Hold,
+    prompt_tokens: int,
+    completion_tokens: int,
+    usage_estimated: bool,
+    latency_ms: int | None,
+) -> SpendEntry:
+    """The ledger row of a held hold's capture at its own model and prices (not saved)."""
+    if prompt_tokens < 0 or completion_tokens < 0:
+        raise InvalidRequest("token counts cannot be negative")
     prices = Prices(hold.input_price_nanos, hold.output_price_nanos)
-    entry = _ledger_entry(
+    return _ledger_entry(
         hold,
         hold.model,
         prices,
@@ -786,13 +884,18 @@ def _capture_in_one_statement(
         usage_estimated,
         latency_ms,
     )
-    result = sql.capture_postgres(hold, entry, timezone.now())
-    if result is None:
-        return None
-    entry.pk, entry._state.adding, entry._state.db = result[0], False, connection.alias
-    _record_transitions(result[1])
+
+
+def captured(hold: Hold, entry: SpendEntry, entry_id: int, alias: str) -> None:
+    """Mark a one-statement capture done on its objects (the statement returned `entry_id`).
+    Its threshold events are record_transitions()' to write."""
+    entry.pk, entry._state.adding, entry._state.db = entry_id, False, alias
     hold.status = HoldStatus.CAPTURED
-    return entry
+
+
+def has_transitions(changes) -> bool:
+    """Whether a capture's statement crossed any threshold (events to record)."""
+    return any(old != new for _, old, new, _, _ in changes)
 
 
 def void(hold: Hold | str) -> Hold:

@@ -336,7 +336,7 @@ def _insert_params(prefix: str, obj: Model, db) -> dict:
     return {f"{prefix}{i}": value for i, value in enumerate(_insert_values(obj, db))}
 
 
-class _PreparedCursor(psycopg.Cursor):
+class PreparedCursor(psycopg.Cursor):
     """Server-side binding, prepared on first use: parsing and planning these
     statements (half a millisecond each, bench/RESULTS.md) is done once per connection.
 
@@ -364,7 +364,7 @@ def _prepared_cursor(db):
     db.ensure_connection()
     if db.connection.prepare_threshold is None:
         db.connection.prepare_threshold = _ONLY_WHEN_ASKED
-    cursor = _PreparedCursor(db.connection)
+    cursor = PreparedCursor(db.connection)
     return db.make_debug_cursor(cursor) if db.queries_logged else db.make_cursor(cursor)
 
 
@@ -419,7 +419,7 @@ def place_hold_postgres(hold: Hold, period_ids: list[int]) -> tuple[int | None, 
 
 
 @functools.cache
-def _read_and_hold_sql() -> str:
+def read_and_hold_sql() -> str:
     vendor = "postgresql"
     period, line = _table(BudgetPeriod, vendor), _table(HoldLine, vendor)
     columns, placeholders = _insert_select(Hold, "h", vendor)
@@ -466,27 +466,17 @@ def _read_and_hold_sql() -> str:
     )
 
 
-def read_and_hold_postgres(
+def read_and_hold_params(
     hold: Hold,
     agent_id: int | None,
     now: datetime,
     *,
     required: list[str],
     no_policy_strategy: bool,
-):
-    """PostgreSQL, the common call in one statement: read the budgets of the hold's
-    tenant, agent and end user, and take `hold.amount_nanos` on every period and insert
-    the hold with its lines if the case is plain: every enabled policy has its open
-    period, the scopes in `required` have a policy, no policy picks a strategy (if
-    `no_policy_strategy`), and every period is below its soft cap and can pay.
-
-    Returns (hold id or None, [(policy, period or None)] as policies_with_open_periods
-    reads them, {period id: (spent, held, state)} of the periods it locked, after the
-    hold if it placed one). Periods are locked only when they look plain as read; if,
-    locked, one no longer is (a concurrent call or reset), nothing changes and the
-    values it locked are the latest."""
-    db = _db()
-    params = {
+    db,
+) -> dict:
+    """The parameters of read_and_hold_sql() for this hold (read_and_hold_postgres)."""
+    return {
         **_insert_params("h", hold, db),
         "now": db.ops.adapt_datetimefield_value(now),
         "tenant": hold.tenant_id,
@@ -496,32 +486,56 @@ def read_and_hold_postgres(
         "required": required,
         "no_policy_strategy": no_policy_strategy,
     }
-    with _one_statement(db), _prepared_cursor(db) as cursor:
-        cursor.execute(_read_and_hold_sql(), params)
-        rows = cursor.fetchall()
+
+
+def read_and_hold_rows(rows, db):
+    """What read_and_hold_postgres returns, from the statement's rows (`db`: the
+    Django connection they were read on)."""
     locked = {pk: (spent, held, state) for _, pk, spent, held, state, *_ in rows if pk is not None}
     return rows[0][0], _scope_rows(rows, db, offset=5), locked
 
 
-def capture_postgres(hold: Hold, entry: Model, now: datetime):
-    """Charge a held hold in one statement: mark it captured, write the ledger row, move
-    the cost into spent and release the hold on its periods, storing their new states.
-    Returns (entry id, [(period id, old state, new state, spent, limit)]), or None when
-    the hold is no longer held (voided, expired or captured meanwhile): nothing changed."""
+def read_and_hold_postgres(plain):
+    """PostgreSQL, the common call in one statement: read the budgets of the hold's
+    tenant, agent and end user, and take `hold.amount_nanos` on every period and insert
+    the hold with its lines if the case is plain: every enabled policy has its open
+    period, the scopes in `required` have a policy, no policy picks a strategy (if
+    `no_policy_strategy`), and every period is below its soft cap and can pay.
+    `plain` is an engine.PlainHold (its hold and those parameters).
+
+    Returns (hold id or None, [(policy, period or None)] as policies_with_open_periods
+    reads them, {period id: (spent, held, state)} of the periods it locked, after the
+    hold if it placed one). Periods are locked only when they look plain as read; if,
+    locked, one no longer is (a concurrent call or reset), nothing changes and the
+    values it locked are the latest. The gateway sends the same statement from its
+    event loop (budgets.pgloop)."""
     db = _db()
-    hold_table = _table(Hold, db.vendor)
-    columns, placeholders = _insert_select(type(entry), "e", db.vendor)
-    sql = (
-        f"WITH claimed AS (UPDATE {hold_table} SET status = %(captured)s, "  # noqa: S608
+    with _one_statement(db), _prepared_cursor(db) as cursor:
+        cursor.execute(read_and_hold_sql(), plain.params(db))
+        rows = cursor.fetchall()
+    return read_and_hold_rows(rows, db)
+
+
+@functools.cache
+def capture_sql(entry_model: type[Model]) -> str:
+    """capture_postgres' statement; `entry_model` is the ledger's (spend.SpendEntry)."""
+    columns, placeholders = _insert_select(entry_model, "e", "postgresql")
+    return (
+        f"WITH claimed AS (UPDATE {_table(Hold, 'postgresql')} SET status = %(captured)s, "  # noqa: S608
         "finished_at = %(now)s WHERE id = %(hold)s AND status = %(held)s RETURNING id), "
-        f"entry AS (INSERT INTO {_table(type(entry), db.vendor)} ({columns}) "
+        f"entry AS (INSERT INTO {_table(entry_model, 'postgresql')} ({columns}) "
         f"SELECT {placeholders} FROM claimed RETURNING id), "
         f"{_lock_and_charge(guard='AND EXISTS (SELECT 1 FROM claimed) ')}"
         "SELECT (SELECT id FROM entry), charged.id, locked.state, charged.state, "
         "charged.spent_nanos, charged.limit_nanos FROM (SELECT 1) one "
         "LEFT JOIN (charged JOIN locked ON locked.id = charged.id) ON TRUE"
     )
-    params = {
+
+
+def capture_params(hold: Hold, entry: Model, now: datetime, db) -> dict:
+    """The parameters of capture_sql() (capture_postgres); `db`: the Django connection
+    it runs on."""
+    return {
         **_insert_params("e", entry, db),
         "captured": HoldStatus.CAPTURED,
         "held": HoldStatus.HELD,
@@ -529,10 +543,23 @@ def capture_postgres(hold: Hold, entry: Model, now: datetime):
         "hold": hold.pk,
         "cost": entry.cost_nanos,
     }
-    with _one_statement(db), _prepared_cursor(db) as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
+
+
+def capture_rows(rows):
+    """What capture_postgres returns, from the statement's rows."""
     entry_id = rows[0][0]
     if entry_id is None:
         return None
     return entry_id, [row[1:] for row in rows if row[1] is not None]
+
+
+def capture_postgres(hold: Hold, entry: Model, now: datetime):
+    """Charge a held hold in one statement: mark it captured, write the ledger row, move
+    the cost into spent and release the hold on its periods, storing their new states.
+    Returns (entry id, [(period id, old state, new state, spent, limit)]), or None when
+    the hold is no longer held (voided, expired or captured meanwhile): nothing changed.
+    The gateway sends the same statement from its event loop (budgets.pgloop)."""
+    db = _db()
+    with _one_statement(db), _prepared_cursor(db) as cursor:
+        cursor.execute(capture_sql(type(entry)), capture_params(hold, entry, now, db))
+        return capture_rows(cursor.fetchall())

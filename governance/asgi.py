@@ -157,6 +157,7 @@ async def lifespan(receive, send):
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await gateway_views.settle_charges(settings.GATEWAY_SHUTDOWN_CHARGE_SECONDS)
+            await gateway_views.close_loop_database()
             await upstream.close_client()
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -204,6 +204,50 @@ def asked_max_tokens(body: dict[str, Any], model: ModelSpec) -> int:
     return min(body.get("max_tokens") or model.max_output_tokens, model.max_output_tokens)
 
 
+def _plain_choice(
+    key: ApiKey,
+    body: dict[str, Any],
+    requested: ModelSpec,
+    *,
+    request_id: str,
+    user_key: str,
+    input_tokens: int | None,
+) -> tuple[ModelSpec, int, dict[str, Any]] | None:
+    """The model and prompt bound of the common call, and its hold's arguments
+    (engine.authorize_if_plain's). None where no plain plan can be made."""
+    model = plain_model(key, body, requested)
+    if model is None:
+        return None  # the general decision answers, after the budget checks
+    input_bound = prompt_token_bound(body) if input_tokens is None else input_tokens
+    if input_bound >= model.context_window:
+        return None
+    arguments = {
+        "tenant": key.agent.tenant,
+        "agent": key.agent,
+        "user_key": user_key,
+        "request_id": request_id,
+        "model": model.id,
+        "prices": model.prices,
+        "input_tokens": input_bound,
+        "max_output_tokens": asked_max_tokens(body, model),
+        "policy_strategy_matters": not key.agent.strategy,
+    }
+    return model, input_bound, arguments
+
+
+def _plain_call_plan(key, body, requested, request_id, model, input_bound, scope, hold):
+    return CallPlan(
+        request_id=request_id,
+        key=key,
+        hold=hold,
+        model=model,
+        requested_model=requested.id,
+        body=body,
+        input_bound=input_bound,
+        scope=scope,
+    )
+
+
 def _plain_plan(
     key: ApiKey,
     body: dict[str, Any],
@@ -220,36 +264,64 @@ def _plain_plan(
     and the budgets as read (None where nothing was read) for the general decision."""
     if not engine.authorizes_in_one_statement():
         return None, None
-    model = plain_model(key, body, requested)
-    if model is None:
-        return None, None  # the general decision answers, after the budget checks
-    input_bound = prompt_token_bound(body) if input_tokens is None else input_tokens
-    if input_bound >= model.context_window:
-        return None, None
-    scope, hold = engine.authorize_if_plain(
-        key.agent.tenant,
-        key.agent,
-        user_key,
-        request_id=request_id,
-        model=model.id,
-        prices=model.prices,
-        input_tokens=input_bound,
-        max_output_tokens=asked_max_tokens(body, model),
-        policy_strategy_matters=not key.agent.strategy,
+    choice = _plain_choice(
+        key, body, requested, request_id=request_id, user_key=user_key, input_tokens=input_tokens
     )
+    if choice is None:
+        return None, None
+    model, input_bound, arguments = choice
+    scope, hold = engine.authorize_if_plain(**arguments)
     if hold is None:
         return scope, None
-    plan = CallPlan(
-        request_id=request_id,
-        key=key,
-        hold=hold,
-        model=model,
-        requested_model=requested.id,
-        body=body,
-        input_bound=input_bound,
-        scope=scope,
+    return scope, _plain_call_plan(
+        key, body, requested, request_id, model, input_bound, scope, hold
     )
-    return scope, plan
+
+
+@dataclass
+class PlainCall:
+    """The common call decided up to its hold, which the caller places in one statement
+    (the gateway sends it from its event loop: budgets.pgloop). `plan(...)` is then the
+    plan _plain_plan would have made."""
+
+    key: ApiKey
+    body: dict[str, Any]
+    requested: ModelSpec
+    request_id: str
+    model: ModelSpec
+    input_bound: int
+    hold: engine.PlainHold
+
+    def plan(self, scope: engine.BudgetScope, hold: Hold) -> CallPlan:
+        return _plain_call_plan(
+            self.key,
+            self.body,
+            self.requested,
+            self.request_id,
+            self.model,
+            self.input_bound,
+            scope,
+            hold,
+        )
+
+
+def plain_call(
+    key: ApiKey, body: dict[str, Any], *, request_id: str, user_key: str = ""
+) -> PlainCall | None:
+    """plan_call's common case up to the statement that holds: None where it does not
+    apply (the general decision, plan_call, answers). Raises what plan_call would raise
+    before reading the budgets (access, an unknown model, a bad request id)."""
+    engine.check_access(key.agent.tenant, key.agent)
+    requested = resolve_model(get_catalog(), body["model"])
+    choice = _plain_choice(
+        key, body, requested, request_id=request_id, user_key=user_key, input_tokens=None
+    )
+    if choice is None:
+        return None
+    model, input_bound, arguments = choice
+    return PlainCall(
+        key, body, requested, request_id, model, input_bound, engine.plain_hold(**arguments)
+    )
 
 
 def plan_call(
@@ -261,15 +333,21 @@ def plan_call(
     force_model: str | None = None,
     skip_models: frozenset[str] = frozenset(),
     input_tokens: int | None = None,
+    read: engine.PlainHold | None = None,
+    rows: list | None = None,
 ) -> CallPlan:
     """Decide the model and max_tokens of one upstream attempt and hold its cost.
-    `force_model` is a fallback after an upstream failure: no strategy, no downgrade."""
+    `force_model` is a fallback after an upstream failure: no strategy, no downgrade.
+    `read` and `rows`: a PlainCall's statement that placed no hold, and the budgets it
+    read, which the general decision starts from."""
     tenant, agent = key.agent.tenant, key.agent
     engine.check_access(tenant, agent)
     catalog = get_catalog()
     requested = resolve_model(catalog, body["model"])
     scope = None
-    if force_model is None and not skip_models:
+    if read is not None:
+        scope = engine.scope_of(tenant, agent, user_key, read.now, rows)
+    elif force_model is None and not skip_models:
         scope, plan = _plain_plan(
             key,
             body,

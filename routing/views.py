@@ -15,20 +15,29 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx2
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connections
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    IntegrityError,
+    close_old_connections,
+    connections,
+)
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from mistralai.client.errors import MistralError
 from pydantic import ValidationError
 
+from budgets import engine, pgloop
 from budgets.errors import GovernanceError, InvalidApiKey, InvalidRequest
-from budgets.models import ApiKey
+from budgets.models import ApiKey, HoldStatus
 from governance import logs, metrics
 from governance.http import error_details, status_for
 
@@ -98,6 +107,8 @@ def close_db_connections() -> None:
 
     for future in [_db_threads.submit(close) for _ in range(count)]:
         future.result()
+    for database in list(_loop_databases.values()):
+        database.close()
 
 
 def new_request_id() -> str:
@@ -211,6 +222,64 @@ def _prepared_call(key: ApiKey, body: dict[str, Any]) -> prepared.PreparedCall |
         return None
     known, options = _upstream_arguments(body, model, gateway.asked_max_tokens(body, model))
     return prepared.PreparedCall(known, options, stream=bool(body.get("stream")))
+
+
+# The common call's hold goes out from the event loop on PostgreSQL (budgets.pgloop):
+# one database per event loop, its connections opened as calls need them.
+_loop_databases: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, pgloop.LoopDatabase] = (
+    weakref.WeakKeyDictionary()
+)
+_loop_databases_lock = threading.Lock()
+
+
+def _loop_database() -> pgloop.LoopDatabase | None:
+    """This event loop's database, where the common call's hold can go out from it."""
+    if not settings.GATEWAY_LOOP_STATEMENTS:
+        return None
+    loop = asyncio.get_running_loop()
+    database = _loop_databases.get(loop)
+    if database is None:
+        if connections.settings[DEFAULT_DB_ALIAS]["ENGINE"] != "django.db.backends.postgresql":
+            return None
+        with _loop_databases_lock:
+            database = _loop_databases.setdefault(loop, pgloop.LoopDatabase(_db_thread_count))
+    return database
+
+
+async def close_loop_database() -> None:
+    """Close this event loop's database connections (server shutdown)."""
+    database = _loop_databases.pop(asyncio.get_running_loop(), None)
+    if database is not None:
+        database.close()
+
+
+async def _plan(key: ApiKey, body, request_id: str, user_key: str, ready) -> gateway.CallPlan:
+    """The call's plan (gateway.plan_call). On PostgreSQL the common call's statement
+    goes out from this event loop, and `ready` starts building while it runs; any other
+    decision, or the general one after that statement placed no hold, runs in a
+    database thread."""
+    database = _loop_database()
+    call = None
+    if database is not None:
+        call = gateway.plain_call(key, body, request_id=request_id, user_key=user_key)
+    if call is None:
+        return await in_thread(_preparing(ready, gateway.plan_call))(
+            key, body, request_id=request_id, user_key=user_key
+        )
+    try:
+        hold_id, rows, locked = await database.read_and_hold(
+            call.hold, sent=ready.start if ready is not None else None
+        )
+    except IntegrityError:  # the request id is taken: plan_call says by whom
+        return await in_thread(gateway.plan_call)(
+            key, body, request_id=request_id, user_key=user_key
+        )
+    scope, hold = call.hold.outcome(hold_id, rows, locked, database.alias)
+    if hold is not None:
+        return call.plan(scope, hold)
+    return await in_thread(gateway.plan_call)(
+        key, body, request_id=request_id, user_key=user_key, read=call.hold, rows=rows
+    )
 
 
 def _preparing(call: prepared.PreparedCall | None, function: Callable) -> Callable:
@@ -395,9 +464,7 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
         user_key = request.headers.get("X-End-User", "").strip()
         ready = _prepared_call(key, original)
         try:
-            plan = await in_thread(_preparing(ready, gateway.plan_call))(
-                key, original, request_id=request_id, user_key=user_key
-            )
+            plan = await _plan(key, original, request_id, user_key, ready)
             stream = bool(original.get("stream"))
             plan, response, started = await _open_upstream(
                 plan, key, original, user_key, stream=stream, ready=ready
@@ -504,24 +571,14 @@ async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms:
     it used, and its hold stays until expire_holds releases it."""
     attempt = 1
     while True:
-        capture = _submit(
-            gateway.capture,
-            plan,
-            prompt_tokens=tokens[0],
-            completion_tokens=tokens[1],
-            usage_estimated=estimated,
-            latency_ms=latency_ms,
-        )
+        capture = _Capture(plan, tokens, estimated, latency_ms)
         try:
-            entry = await asyncio.wrap_future(capture)
+            entry = await capture.run()
             break
         except asyncio.CancelledError:
             # Cancelled (at shutdown, once settle_charges gave up): a capture not yet
-            # started is cancelled with us; one already running finishes in its thread.
-            if capture.cancelled():
-                _charge_failed(plan, tokens, "not charged (cut off by shutdown)")
-            else:
-                capture.add_done_callback(functools.partial(_charged_late, plan, tokens))
+            # sent is cancelled with us; one already sent finishes in a thread.
+            capture.cut_off()
             raise
         except DatabaseError as exc:
             if attempt == CHARGE_ATTEMPTS:
@@ -545,6 +602,76 @@ async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms:
             raise
         attempt += 1
     _charged(plan, entry)
+
+
+class _Capture:
+    """One attempt at capturing an answered call, and what shutdown finds of it.
+
+    On PostgreSQL a call still held is captured in one statement sent from the event
+    loop (budgets.pgloop); its threshold events, when it crossed one, and every other
+    capture are written in a database thread (gateway.capture)."""
+
+    def __init__(self, plan, tokens: tuple[int, int], estimated: bool, latency_ms: int) -> None:
+        self.plan, self.tokens = plan, tokens
+        self.estimated, self.latency_ms = estimated, latency_ms
+        self.charged = None  # the ledger row, once its statement committed
+        self.late: Future | None = None  # a capture going on in a thread
+
+    async def run(self):
+        database = _loop_database()
+        hold = self.plan.hold
+        if database is None or hold.status != HoldStatus.HELD:
+            return await self._in_thread()
+        entry = engine.held_ledger_entry(hold, *self.tokens, self.estimated, self.latency_ms)
+        result = await database.capture(
+            hold, entry, timezone.now(), functools.partial(self._finish_in_thread, entry)
+        )
+        if result is None:  # no longer held: the general way tells what happened
+            return await self._in_thread()
+        entry_id, changes = result
+        engine.captured(hold, entry, entry_id, database.alias)
+        self.charged = entry
+        if engine.has_transitions(changes):
+            await in_thread(engine.record_transitions)(changes)
+        return entry
+
+    async def _in_thread(self):
+        self.late = _submit(self._capture)
+        return await asyncio.wrap_future(self.late)
+
+    def _capture(self):
+        return gateway.capture(
+            self.plan,
+            prompt_tokens=self.tokens[0],
+            completion_tokens=self.tokens[1],
+            usage_estimated=self.estimated,
+            latency_ms=self.latency_ms,
+        )
+
+    def _finish_in_thread(self, entry, finish) -> None:
+        """The loop's statement was sent when shutdown cut the call off: a thread waits
+        for its answer (finish), and completes the capture as run() would have."""
+
+        def complete():
+            result = finish()
+            if result is None:
+                return self._capture()
+            entry_id, changes = result
+            engine.captured(self.plan.hold, entry, entry_id, DEFAULT_DB_ALIAS)
+            engine.record_transitions(changes)
+            return entry
+
+        self.late = _submit(complete)
+
+    def cut_off(self) -> None:
+        """Shutdown cancelled this capture: say what became of the call."""
+        plan, tokens = self.plan, self.tokens
+        if self.charged is not None:  # committed; its events are being written
+            _charged(plan, self.charged)
+        elif self.late is not None and not self.late.cancelled():
+            self.late.add_done_callback(functools.partial(_charged_late, plan, tokens))
+        else:
+            _charge_failed(plan, tokens, "not charged (cut off by shutdown)")
 
 
 def _charged(plan, entry) -> None:

@@ -85,15 +85,15 @@ def test_a_capture_retried_after_its_events_failed_still_records_them(acme, now,
         input_tokens=0,
         max_output_tokens=90,
     )
-    record_transitions = engine._record_transitions
+    record_transitions = engine.record_transitions
 
     def connection_lost(changes):
         raise OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(engine, "_record_transitions", connection_lost)
+    monkeypatch.setattr(engine, "record_transitions", connection_lost)
     with pytest.raises(OperationalError):
         engine.capture(hold, prompt_tokens=0, completion_tokens=90)
-    monkeypatch.setattr(engine, "_record_transitions", record_transitions)
+    monkeypatch.setattr(engine, "record_transitions", record_transitions)
     entry = engine.capture(hold, prompt_tokens=0, completion_tokens=90)
 
     assert SpendEntry.objects.get() == entry

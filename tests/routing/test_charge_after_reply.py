@@ -25,6 +25,14 @@ from tests.asgi_server import serving
 from .test_gateway_http import MESSAGES, chat
 
 
+@pytest.fixture(autouse=True)
+def captures_in_threads(settings):
+    """These tests hold or break the capture in its database thread (gateway.capture).
+    On PostgreSQL the gateway sends a plain call's capture from its event loop instead:
+    tests/routing/test_loop_statements.py does the same to that one."""
+    settings.GATEWAY_LOOP_STATEMENTS = False
+
+
 def test_the_reply_does_not_wait_for_the_charge_and_the_hold_covers_it(
     gateway_url, simulator, acme_key, monkeypatch
 ):

@@ -1,0 +1,301 @@
+"""PostgreSQL statements sent from the event loop itself, without a thread.
+
+The gateway's common call places its hold in one statement (sql.read_and_hold_sql). On a
+database thread that statement cost a hop each way and a contest for the interpreter
+lock with the event loop at every step of psycopg's cursor (bench/RESULTS.md). Here the
+statement goes out on a connection of the loop's own: the loop sends it, goes on with
+other work (the SDK builds the upstream request meanwhile), and reads the rows when the
+socket says they are there.
+
+Only single statements in autocommit, each its own transaction: nothing here ever holds
+a transaction open across an await. The ORM never runs here (Django refuses it on an
+event loop); the connections are Django's (its adapters, time zone and error classes),
+opened in a thread and used only by this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+import select
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from psycopg import errors, pq
+from psycopg._queries import PostgresQuery
+from psycopg.adapt import Transformer
+
+from . import sql
+
+log = logging.getLogger("governance.gateway")
+
+FINISH_SECONDS = 10  # for a statement abandoned on the loop to answer in a thread
+
+
+class LoopConnection:
+    """One connection, one statement at a time, driven by the event loop's reader."""
+
+    def __init__(self, wrapper: BaseDatabaseWrapper) -> None:
+        self.wrapper = wrapper  # Django's: its ops convert rows into model fields
+        self._connection = wrapper.connection
+        self._cursor = sql.PreparedCursor(self._connection)  # int8 for every int
+        self._pgconn = self._connection.pgconn
+        self._pgconn.nonblocking = 1
+        self.fd = self._pgconn.socket
+        self._prepared: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
+        self.in_flight: Transformer | None = None  # a statement sent, its rows not read
+        self._received: list[pq.abc.PGresult] = []
+
+    @property
+    def usable(self) -> bool:
+        return (
+            self._pgconn.status == pq.ConnStatus.OK
+            and self._pgconn.transaction_status == pq.TransactionStatus.IDLE
+        )
+
+    async def execute(
+        self, query: str, params: dict[str, Any], sent: Callable[[], None] | None = None
+    ) -> list[tuple]:
+        """The rows of `query` (named parameters), prepared on this connection on first
+        use. `sent` is called once the statement is on its way."""
+        transformer = Transformer(self._cursor)
+        converted = PostgresQuery(transformer)
+        converted.convert(query, params)
+        signature = (converted.query, tuple(converted.types or ()))
+        name = self._prepared.get(signature)
+        if name is None:
+            name = f"sg_loop_{len(self._prepared)}".encode()
+            self._pgconn.send_prepare(name, converted.query, converted.types)
+            self._raise_for(await self._results())
+            self._prepared[signature] = name
+        self._pgconn.send_query_prepared(name, converted.params, converted.formats)
+        self.in_flight = transformer
+        if sent is not None:
+            sent()
+        results = await self._results()
+        self.in_flight = None
+        return self._rows(transformer, results)
+
+    def _rows(self, transformer: Transformer, results: list[pq.abc.PGresult]) -> list[tuple]:
+        result = self._raise_for(results)
+        transformer.set_pgresult(result)
+        return transformer.load_rows(0, result.ntuples, tuple)
+
+    def finish(self, seconds: float) -> list[tuple]:
+        """Blocking, in a thread: wait up to `seconds` for the rows of the statement in
+        flight (its caller gave up waiting on the loop), then close the connection."""
+        pgconn, results = self._pgconn, self._received  # what the loop read already
+        deadline = time.monotonic() + seconds
+        try:
+            while True:
+                if pgconn.is_busy():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise errors.OperationalError(
+                            f"no answer from the database within {seconds} s"
+                        )
+                    select.select([pgconn.socket], [], [], left)
+                    pgconn.consume_input()
+                    continue
+                result = pgconn.get_result()
+                if result is None:
+                    return self._rows(self.in_flight, results)
+                results.append(result)
+        except errors.Error as exc:  # psycopg's: the connection broke, or no answer
+            raise self._broken(exc) from exc
+        finally:
+            self.close()
+
+    def _raise_for(self, results: list[pq.abc.PGresult]) -> pq.abc.PGresult:
+        """The statement's result, or its error as Django's exception class."""
+        result = results[-1]
+        if result.status == pq.ExecStatus.FATAL_ERROR:
+            failure = errors.error_from_result(result, encoding=self._connection.info.encoding)
+            with self.wrapper.wrap_database_errors:
+                raise failure
+        return result
+
+    def _results(self) -> asyncio.Future[list[pq.abc.PGresult]]:
+        """Every result of what was sent, once the server has sent them all."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[pq.abc.PGresult]] = loop.create_future()
+        pgconn, fd = self._pgconn, self.fd
+        results = self._received = []
+
+        def readable() -> None:
+            try:
+                pgconn.consume_input()
+                while not pgconn.is_busy():
+                    result = pgconn.get_result()
+                    if result is None:
+                        loop.remove_reader(fd)
+                        if not done.done():
+                            done.set_result(results)
+                        return
+                    results.append(result)
+            except Exception as exc:  # the connection broke
+                loop.remove_reader(fd)
+                if not done.done():
+                    done.set_exception(self._broken(exc))
+
+        def stop_reading(future: asyncio.Future) -> None:
+            if future.cancelled():
+                loop.remove_reader(fd)
+
+        try:
+            while pgconn.flush():  # a statement is small: the socket takes it at once
+                pass
+        except Exception as exc:
+            done.set_exception(self._broken(exc))
+            return done
+        loop.add_reader(fd, readable)
+        done.add_done_callback(stop_reading)
+        return done
+
+    def _broken(self, exc: Exception) -> Exception:
+        try:
+            with self.wrapper.wrap_database_errors:
+                raise errors.OperationalError(str(exc)) from exc
+        except Exception as translated:
+            return translated
+        return exc  # pragma: no cover - wrap_database_errors always raises
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._connection.close()
+
+
+def _connect(alias: str) -> BaseDatabaseWrapper:
+    wrapper = connections.create_connection(alias)
+    wrapper.ensure_connection()
+    wrapper.set_autocommit(True)
+    return wrapper
+
+
+class LoopDatabase:
+    """The event loop's connections: at most `size`, opened as calls need them (in a
+    thread), each running one statement at a time; a call waits for a free one."""
+
+    def __init__(self, size: int, alias: str = DEFAULT_DB_ALIAS) -> None:
+        self.size = size
+        self.alias = alias
+        # Never connected: its ops adapt parameters and convert rows (as the ORM would).
+        self.db = connections.create_connection(alias)
+        self._idle: list[LoopConnection] = []
+        self._opened = 0
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def execute(
+        self,
+        query: str,
+        params: dict[str, Any],
+        sent: Callable[[], None] | None = None,
+        abandoned: Callable[[Callable[[], list[tuple]]], None] | None = None,
+    ) -> list[tuple]:
+        """The rows of one autocommit statement. A connection whose statement failed
+        is kept if it is still idle and sound; one that broke is closed.
+
+        A statement whose caller is cancelled once it was sent may still commit. It is
+        closed with its connection, unless `abandoned` is given: it is then called with
+        a blocking function that waits for the statement's rows (LoopConnection.finish,
+        for a thread) and closes the connection after."""
+        connection = await self._acquire()
+        try:
+            rows = await connection.execute(query, params, sent)
+        except DatabaseError:
+            if connection.usable:  # the statement failed (a taken request id): no harm
+                self._release(connection)
+            else:
+                self._discard(connection)
+            raise
+        except BaseException:
+            if abandoned is not None and connection.in_flight is not None:
+                self._hand_over(connection)
+                abandoned(functools.partial(connection.finish, FINISH_SECONDS))
+            else:
+                self._discard(connection)
+            raise
+        self._release(connection)
+        return rows
+
+    async def read_and_hold(self, plain, sent: Callable[[], None] | None = None):
+        """engine.authorize_if_plain's statement for `plain` (an engine.PlainHold):
+        (hold id or None, [(policy, period or None)], {period id: (spent, held, state)})
+        as sql.read_and_hold_postgres returns them."""
+        rows = await self.execute(sql.read_and_hold_sql(), plain.params(self.db), sent)
+        return sql.read_and_hold_rows(rows, self.db)
+
+    async def capture(self, hold, entry, now, abandoned=None):
+        """engine.capture's one statement for a held hold (sql.capture_postgres):
+        (entry id, [(period id, old state, new state, spent, limit)]), or None when the
+        hold is no longer held. `abandoned`: as execute()'s, its function returning
+        what this would have."""
+
+        def handed_over(finish: Callable[[], list[tuple]]) -> None:
+            abandoned(lambda: sql.capture_rows(finish()))
+
+        rows = await self.execute(
+            sql.capture_sql(type(entry)),
+            sql.capture_params(hold, entry, now, self.db),
+            abandoned=handed_over if abandoned is not None else None,
+        )
+        return sql.capture_rows(rows)
+
+    async def _acquire(self) -> LoopConnection:
+        while True:
+            while self._idle:
+                connection = self._idle.pop()
+                if connection.usable:
+                    return connection
+                self._discard(connection)
+            if self._opened < self.size:
+                self._opened += 1
+                try:
+                    wrapper = await asyncio.to_thread(_connect, self.alias)
+                except BaseException:
+                    self._opened -= 1
+                    self._wake()
+                    raise
+                return LoopConnection(wrapper)
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # pass the turn on
+                raise
+
+    def _release(self, connection: LoopConnection) -> None:
+        self._idle.append(connection)
+        self._wake()
+
+    def _discard(self, connection: LoopConnection) -> None:
+        connection.close()
+        self._hand_over(connection)
+
+    def _hand_over(self, connection: LoopConnection) -> None:
+        """`connection` is no longer this database's (closed, or closing elsewhere)."""
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(connection.fd)
+        self._opened -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        """Close the idle connections (those running a statement close when it ends)."""
+        while self._idle:
+            self._idle.pop().close()
+            self._opened -= 1
