@@ -49,6 +49,7 @@ class LoopConnection:
         self._pgconn.nonblocking = 1
         self.fd = self._pgconn.socket
         self._prepared: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
+        self.opened = time.monotonic()
         self.in_flight: Transformer | None = None  # a statement sent, its rows not read
         self._received: list[pq.abc.PGresult] = []
 
@@ -180,10 +181,14 @@ def _connect(alias: str) -> BaseDatabaseWrapper:
 
 class LoopDatabase:
     """The event loop's connections: at most `size`, opened as calls need them (in a
-    thread), each running one statement at a time; a call waits for a free one."""
+    thread), each running one statement at a time (a call waits for a free one), and
+    closed after `max_age` seconds, as Django's CONN_MAX_AGE."""
 
-    def __init__(self, size: int, alias: str = DEFAULT_DB_ALIAS) -> None:
+    def __init__(
+        self, size: int, max_age: float | None = None, alias: str = DEFAULT_DB_ALIAS
+    ) -> None:
         self.size = size
+        self.max_age = max_age  # seconds a connection is kept (None: as long as it works)
         self.alias = alias
         # Never connected: its ops adapt parameters and convert rows (as the ORM would).
         self.db = connections.create_connection(alias)
@@ -251,7 +256,7 @@ class LoopDatabase:
         while True:
             while self._idle:
                 connection = self._idle.pop()
-                if connection.usable:
+                if connection.usable and not self._too_old(connection):
                     return connection
                 self._discard(connection)
             if self._opened < self.size:
@@ -273,8 +278,14 @@ class LoopDatabase:
                 raise
 
     def _release(self, connection: LoopConnection) -> None:
+        if self._too_old(connection):
+            self._discard(connection)
+            return
         self._idle.append(connection)
         self._wake()
+
+    def _too_old(self, connection: LoopConnection) -> bool:
+        return self.max_age is not None and time.monotonic() - connection.opened >= self.max_age
 
     def _discard(self, connection: LoopConnection) -> None:
         connection.close()

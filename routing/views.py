@@ -242,7 +242,9 @@ def _loop_database() -> pgloop.LoopDatabase | None:
         if connections.settings[DEFAULT_DB_ALIAS]["ENGINE"] != "django.db.backends.postgresql":
             return None
         with _loop_databases_lock:
-            database = _loop_databases.setdefault(loop, pgloop.LoopDatabase(_db_thread_count))
+            database = _loop_databases.setdefault(
+                loop, pgloop.LoopDatabase(_db_thread_count, settings.GATEWAY_DB_CONN_MAX_AGE)
+            )
     return database
 
 

@@ -457,3 +457,32 @@ def wait_for(condition, seconds: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_a_connection_is_kept_for_its_max_age_only():
+    async def main():
+        database = pgloop.LoopDatabase(1, max_age=0.2)
+        try:
+            pids = [await database.execute("SELECT pg_backend_pid()", {}) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            pids.append(await database.execute("SELECT pg_backend_pid()", {}))
+            return pids
+        finally:
+            database.close()
+
+    first, kept, aged = asyncio.run(main())
+    assert first == kept != aged
+
+
+def test_with_no_max_age_a_statement_has_a_connection_of_its_own():
+    """DB_CONN_MAX_AGE=0 (a connection per call, as for the threads)."""
+
+    async def main():
+        database = pgloop.LoopDatabase(1, max_age=0)
+        try:
+            return [await database.execute("SELECT pg_backend_pid()", {}) for _ in range(2)]
+        finally:
+            database.close()
+
+    first, second = asyncio.run(main())
+    assert first != second
