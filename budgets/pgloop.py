@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg import errors, pq
 from psycopg._queries import PostgresQuery
@@ -38,8 +38,13 @@ log = logging.getLogger("governance.gateway")
 FINISH_SECONDS = 10  # for a statement abandoned on the loop to answer in a thread
 
 
+class OutcomeUnknown(DatabaseError):
+    """A statement was sent, and neither its rows nor its failure came back in time."""
+
+
 class LoopConnection:
-    """One connection, one statement at a time, driven by the event loop's reader."""
+    """One connection, one statement at a time, driven by the event loop's reader.
+    psycopg's errors come out as Django's (django.db.IntegrityError and so on)."""
 
     def __init__(self, wrapper: BaseDatabaseWrapper) -> None:
         self.wrapper = wrapper  # Django's: its ops convert rows into model fields
@@ -56,7 +61,8 @@ class LoopConnection:
     @property
     def usable(self) -> bool:
         return (
-            self._pgconn.status == pq.ConnStatus.OK
+            self.in_flight is None
+            and self._pgconn.status == pq.ConnStatus.OK
             and self._pgconn.transaction_status == pq.TransactionStatus.IDLE
         )
 
@@ -64,69 +70,59 @@ class LoopConnection:
         self, query: str, params: dict[str, Any], sent: Callable[[], None] | None = None
     ) -> list[tuple]:
         """The rows of `query` (named parameters), prepared on this connection on first
-        use. `sent` is called once the statement is on its way."""
-        transformer = Transformer(self._cursor)
-        converted = PostgresQuery(transformer)
-        converted.convert(query, params)
-        signature = (converted.query, tuple(converted.types or ()))
-        name = self._prepared.get(signature)
-        if name is None:
-            name = f"sg_loop_{len(self._prepared)}".encode()
-            self._pgconn.send_prepare(name, converted.query, converted.types)
-            self._raise_for(await self._results())
-            self._prepared[signature] = name
-        self._pgconn.send_query_prepared(name, converted.params, converted.formats)
-        self.in_flight = transformer
-        if sent is not None:
-            sent()
-        results = await self._results()
-        self.in_flight = None
-        return self._rows(transformer, results)
+        use. `sent` is called once the statement is on its way. Cancelled once it was
+        sent, the statement stays `in_flight`: its answer is still to come (finish)."""
+        with self.wrapper.wrap_database_errors:
+            transformer = Transformer(self._cursor)
+            converted = PostgresQuery(transformer)
+            converted.convert(query, params)
+            signature = (converted.query, tuple(converted.types or ()))
+            name = self._prepared.get(signature)
+            if name is None:
+                name = f"sg_loop_{len(self._prepared)}".encode()
+                self._pgconn.send_prepare(name, converted.query, converted.types)
+                self._raise_for(await self._answer())
+                self._prepared[signature] = name
+            self._pgconn.send_query_prepared(name, converted.params, converted.formats)
+            self.in_flight = transformer
+            if sent is not None:
+                sent()
+            try:
+                results = await self._answer()
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                self.in_flight = None
+                raise
+            self.in_flight = None
+            return self._rows(transformer, results)
 
     def _rows(self, transformer: Transformer, results: list[pq.abc.PGresult]) -> list[tuple]:
         result = self._raise_for(results)
         transformer.set_pgresult(result)
         return transformer.load_rows(0, result.ntuples, tuple)
 
-    def finish(self, seconds: float) -> list[tuple]:
-        """Blocking, in a thread: wait up to `seconds` for the rows of the statement in
-        flight (its caller gave up waiting on the loop), then close the connection."""
-        pgconn, results = self._pgconn, self._received  # what the loop read already
-        deadline = time.monotonic() + seconds
-        try:
-            while True:
-                if pgconn.is_busy():
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise errors.OperationalError(
-                            f"no answer from the database within {seconds} s"
-                        )
-                    select.select([pgconn.socket], [], [], left)
-                    pgconn.consume_input()
-                    continue
-                result = pgconn.get_result()
-                if result is None:
-                    return self._rows(self.in_flight, results)
-                results.append(result)
-        except errors.Error as exc:  # psycopg's: the connection broke, or no answer
-            raise self._broken(exc) from exc
-        finally:
-            self.close()
-
     def _raise_for(self, results: list[pq.abc.PGresult]) -> pq.abc.PGresult:
-        """The statement's result, or its error as Django's exception class."""
-        result = results[-1]
-        if result.status == pq.ExecStatus.FATAL_ERROR:
-            failure = errors.error_from_result(result, encoding=self._connection.info.encoding)
-            with self.wrapper.wrap_database_errors:
-                raise failure
-        return result
+        """The statement's result, or its error (psycopg's: the caller translates it)."""
+        for result in results:
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                raise errors.error_from_result(result, encoding=self._connection.info.encoding)
+        if not results:
+            raise errors.OperationalError("the database sent no result")
+        return results[-1]
 
-    def _results(self) -> asyncio.Future[list[pq.abc.PGresult]]:
+    async def _answer(self) -> list[pq.abc.PGresult]:
         """Every result of what was sent, once the server has sent them all."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[list[pq.abc.PGresult]] = loop.create_future()
         pgconn, fd = self._pgconn, self.fd
+        while pgconn.flush():  # the socket's buffer is full: wait until it takes more
+            writable = loop.create_future()
+            loop.add_writer(fd, _set_once, writable)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(fd)
+        done: asyncio.Future[list[pq.abc.PGresult]] = loop.create_future()
         results = self._received = []
 
         def readable() -> None:
@@ -143,33 +139,57 @@ class LoopConnection:
             except Exception as exc:  # the connection broke
                 loop.remove_reader(fd)
                 if not done.done():
-                    done.set_exception(self._broken(exc))
+                    done.set_exception(exc)
 
-        def stop_reading(future: asyncio.Future) -> None:
-            if future.cancelled():
-                loop.remove_reader(fd)
-
-        try:
-            while pgconn.flush():  # a statement is small: the socket takes it at once
-                pass
-        except Exception as exc:
-            done.set_exception(self._broken(exc))
-            return done
         loop.add_reader(fd, readable)
-        done.add_done_callback(stop_reading)
-        return done
+        try:
+            return await done
+        finally:
+            loop.remove_reader(fd)
 
-    def _broken(self, exc: Exception) -> Exception:
+    def finish(self, seconds: float) -> list[tuple]:
+        """Blocking, in a thread: the rows of the statement in flight, whose caller gave
+        up waiting on the loop; then close the connection. After `seconds` the statement
+        is cancelled, and its outcome (its rows if it had already committed, or its
+        cancellation) waited for as long again; OutcomeUnknown if none comes."""
+        pgconn, results = self._pgconn, self._received  # what the loop read already
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        cancelled = False
+        deadline = time.monotonic() + seconds
         try:
             with self.wrapper.wrap_database_errors:
-                raise errors.OperationalError(str(exc)) from exc
-        except Exception as translated:
-            return translated
-        return exc  # pragma: no cover - wrap_database_errors always raises
+                while True:
+                    if not pgconn.is_busy():
+                        result = pgconn.get_result()
+                        if result is None:
+                            return self._rows(self.in_flight, results)
+                        results.append(result)
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        if cancelled:
+                            raise OutcomeUnknown(
+                                f"the database answered neither the statement nor its "
+                                f"cancellation within {2 * seconds} s"
+                            )
+                        pgconn.get_cancel().cancel()
+                        cancelled, deadline = True, time.monotonic() + seconds
+                        continue
+                    if poller.poll(left * 1000):
+                        pgconn.consume_input()
+        finally:
+            self.in_flight = None
+            self.close()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._connection.close()
+
+
+def _set_once(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _connect(alias: str) -> BaseDatabaseWrapper:
@@ -177,6 +197,13 @@ def _connect(alias: str) -> BaseDatabaseWrapper:
     wrapper.ensure_connection()
     wrapper.set_autocommit(True)
     return wrapper
+
+
+def _close_connected(connecting: asyncio.Future) -> None:
+    """A connection opened for a caller that was cancelled meanwhile."""
+    if not connecting.cancelled() and connecting.exception() is None:
+        with contextlib.suppress(Exception):
+            connecting.result().connection.close()
 
 
 class LoopDatabase:
@@ -195,6 +222,7 @@ class LoopDatabase:
         self._idle: list[LoopConnection] = []
         self._opened = 0
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._closed = False
 
     async def execute(
         self,
@@ -208,21 +236,21 @@ class LoopDatabase:
 
         A statement whose caller is cancelled once it was sent may still commit. It is
         closed with its connection, unless `abandoned` is given: it is then called with
-        a blocking function that waits for the statement's rows (LoopConnection.finish,
+        a blocking function that returns the statement's rows (LoopConnection.finish,
         for a thread) and closes the connection after."""
         connection = await self._acquire()
         try:
             rows = await connection.execute(query, params, sent)
-        except DatabaseError:
-            if connection.usable:  # the statement failed (a taken request id): no harm
-                self._release(connection)
+        except asyncio.CancelledError:
+            if abandoned is not None and connection.in_flight is not None:
+                self._hand_over(connection)
+                abandoned(functools.partial(connection.finish, FINISH_SECONDS))
             else:
                 self._discard(connection)
             raise
         except BaseException:
-            if abandoned is not None and connection.in_flight is not None:
-                self._hand_over(connection)
-                abandoned(functools.partial(connection.finish, FINISH_SECONDS))
+            if connection.usable:  # the statement failed (a taken request id): no harm
+                self._release(connection)
             else:
                 self._discard(connection)
             raise
@@ -254,20 +282,15 @@ class LoopDatabase:
 
     async def _acquire(self) -> LoopConnection:
         while True:
+            if self._closed:
+                raise OperationalError("the event loop's database connections are closed")
             while self._idle:
                 connection = self._idle.pop()
                 if connection.usable and not self._too_old(connection):
                     return connection
                 self._discard(connection)
             if self._opened < self.size:
-                self._opened += 1
-                try:
-                    wrapper = await asyncio.to_thread(_connect, self.alias)
-                except BaseException:
-                    self._opened -= 1
-                    self._wake()
-                    raise
-                return LoopConnection(wrapper)
+                return await self._open()
             waiter = asyncio.get_running_loop().create_future()
             self._waiting.append(waiter)
             try:
@@ -277,8 +300,19 @@ class LoopDatabase:
                     self._wake()  # pass the turn on
                 raise
 
+    async def _open(self) -> LoopConnection:
+        self._opened += 1
+        connecting = asyncio.ensure_future(asyncio.to_thread(_connect, self.alias))
+        try:
+            return LoopConnection(await asyncio.shield(connecting))
+        except BaseException:
+            connecting.add_done_callback(_close_connected)
+            self._opened -= 1
+            self._wake()
+            raise
+
     def _release(self, connection: LoopConnection) -> None:
-        if self._too_old(connection):
+        if self._closed or self._too_old(connection):
             self._discard(connection)
             return
         self._idle.append(connection)
@@ -288,13 +322,15 @@ class LoopDatabase:
         return self.max_age is not None and time.monotonic() - connection.opened >= self.max_age
 
     def _discard(self, connection: LoopConnection) -> None:
-        connection.close()
         self._hand_over(connection)
+        connection.close()
 
     def _hand_over(self, connection: LoopConnection) -> None:
         """`connection` is no longer this database's (closed, or closing elsewhere)."""
         with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(connection.fd)
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(connection.fd)
+            loop.remove_writer(connection.fd)
         self._opened -= 1
         self._wake()
 
@@ -306,7 +342,12 @@ class LoopDatabase:
                 return
 
     def close(self) -> None:
-        """Close the idle connections (those running a statement close when it ends)."""
+        """Close the idle connections; those running a statement close when it ends,
+        and no statement starts after this."""
+        self._closed = True
         while self._idle:
             self._idle.pop().close()
             self._opened -= 1
+        for waiter in self._waiting:
+            if not waiter.done():
+                waiter.set_result(None)  # to find the database closed

@@ -149,11 +149,13 @@ gc.freeze()
 
 
 async def lifespan(receive, send):
-    """Start-up needs nothing; shutdown waits for the charges of answered calls and
-    closes the upstream connections."""
+    """Start-up has the gateway send its common statements from this event loop
+    (PostgreSQL); shutdown waits for the charges of answered calls and closes the
+    loop's database and upstream connections."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            gateway_views.use_loop_database()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await gateway_views.settle_charges(settings.GATEWAY_SHUTDOWN_CHARGE_SECONDS)

@@ -311,11 +311,12 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 # a revocation, pause or suspension takes effect within this long.
 KEY_CACHE_SECONDS = _setting("KEY_CACHE_SECONDS", env.int, 5)
 # Threads per web process that run the gateway's database work, each with its own
-# connection: the most database connections one web process opens for the gateway.
+# connection. With its event loop's (below), a web process opens up to twice this many
+# database connections for the gateway.
 GATEWAY_DB_THREADS = _setting("GATEWAY_DB_THREADS", env.int, 8)
-# On PostgreSQL the common call's hold goes out from the event loop (budgets.pgloop) on
-# up to GATEWAY_DB_THREADS connections of its own; False sends it from a thread.
-GATEWAY_LOOP_STATEMENTS = True
+# On PostgreSQL the common call's two statements go out from the event loop
+# (budgets.pgloop) on up to GATEWAY_DB_THREADS connections of its own; off: from a thread.
+GATEWAY_LOOP_STATEMENTS = _bool("GATEWAY_LOOP_STATEMENTS", True)
 for _name in (
     "MISTRAL_TIMEOUT_MS",
     "CIRCUIT_BREAKER_FAILURES",

@@ -108,7 +108,8 @@ def close_db_connections() -> None:
     for future in [_db_threads.submit(close) for _ in range(count)]:
         future.result()
     for database in list(_loop_databases.values()):
-        database.close()
+        if database is not None:
+            database.close()
 
 
 def new_request_id() -> str:
@@ -224,34 +225,40 @@ def _prepared_call(key: ApiKey, body: dict[str, Any]) -> prepared.PreparedCall |
     return prepared.PreparedCall(known, options, stream=bool(body.get("stream")))
 
 
-# The common call's hold goes out from the event loop on PostgreSQL (budgets.pgloop):
-# one database per event loop, its connections opened as calls need them.
-_loop_databases: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, pgloop.LoopDatabase] = (
-    weakref.WeakKeyDictionary()
-)
-_loop_databases_lock = threading.Lock()
+# On PostgreSQL the common call's two statements go out from the event loop
+# (budgets.pgloop): one database per event loop, its connections opened as calls need
+# them. Only a server's loop opts in (use_loop_database, at its lifespan's start): a
+# loop made for one call (async_to_sync, Django's test client) would leave its
+# connections behind it. A loop whose database was closed (shutdown) has None.
+_loop_databases: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, pgloop.LoopDatabase | None
+] = weakref.WeakKeyDictionary()
+
+
+def use_loop_database() -> None:
+    """For a server, on its event loop at start-up: send the common call's statements
+    from this loop (PostgreSQL, unless GATEWAY_LOOP_STATEMENTS is off)."""
+    engine_name = connections.settings[DEFAULT_DB_ALIAS]["ENGINE"]
+    if settings.GATEWAY_LOOP_STATEMENTS and engine_name == "django.db.backends.postgresql":
+        loop = asyncio.get_running_loop()
+        if _loop_databases.get(loop) is None:
+            _loop_databases[loop] = pgloop.LoopDatabase(
+                _db_thread_count, settings.GATEWAY_DB_CONN_MAX_AGE
+            )
 
 
 def _loop_database() -> pgloop.LoopDatabase | None:
-    """This event loop's database, where the common call's hold can go out from it."""
-    if not settings.GATEWAY_LOOP_STATEMENTS:
-        return None
-    loop = asyncio.get_running_loop()
-    database = _loop_databases.get(loop)
-    if database is None:
-        if connections.settings[DEFAULT_DB_ALIAS]["ENGINE"] != "django.db.backends.postgresql":
-            return None
-        with _loop_databases_lock:
-            database = _loop_databases.setdefault(
-                loop, pgloop.LoopDatabase(_db_thread_count, settings.GATEWAY_DB_CONN_MAX_AGE)
-            )
-    return database
+    """This event loop's database, if the common call's statements go out from it."""
+    return _loop_databases.get(asyncio.get_running_loop())
 
 
 async def close_loop_database() -> None:
-    """Close this event loop's database connections (server shutdown)."""
-    database = _loop_databases.pop(asyncio.get_running_loop(), None)
+    """Close this event loop's database connections (server shutdown); later statements
+    of calls still running go out from the threads."""
+    loop = asyncio.get_running_loop()
+    database = _loop_databases.get(loop)
     if database is not None:
+        _loop_databases[loop] = None
         database.close()
 
 
@@ -571,7 +578,7 @@ async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms:
     failure never withholds the answer: a database error is retried (capture is
     idempotent by request id), and after the last attempt the call is logged with what
     it used, and its hold stays until expire_holds releases it."""
-    attempt = 1
+    attempt, charged = 1, None  # charged: the ledger row, once a capture committed
     while True:
         capture = _Capture(plan, tokens, estimated, latency_ms)
         try:
@@ -580,11 +587,12 @@ async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms:
         except asyncio.CancelledError:
             # Cancelled (at shutdown, once settle_charges gave up): a capture not yet
             # sent is cancelled with us; one already sent finishes in a thread.
-            capture.cut_off()
+            capture.cut_off(charged)
             raise
         except DatabaseError as exc:
+            charged = capture.charged or charged
             if attempt == CHARGE_ATTEMPTS:
-                _charge_failed(plan, tokens, "not charged", exc)
+                _charge_failed(plan, tokens, "not charged", exc, charged)
                 return
             log.warning(
                 "charging gateway call %s failed (attempt %s of %s), retrying: %s",
@@ -595,12 +603,12 @@ async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms:
                 extra={"request_id": plan.request_id},
             )
         except Exception as exc:
-            _charge_failed(plan, tokens, "not charged", exc)
+            _charge_failed(plan, tokens, "not charged", exc, capture.charged or charged)
             return
         try:
             await asyncio.sleep(CHARGE_RETRY_SECONDS * 2 ** (attempt - 1))
         except asyncio.CancelledError:
-            _charge_failed(plan, tokens, "not charged (cut off by shutdown)")
+            _charge_failed(plan, tokens, "not charged (cut off by shutdown)", None, charged)
             raise
         attempt += 1
     _charged(plan, entry)
@@ -665,11 +673,13 @@ class _Capture:
 
         self.late = _submit(complete)
 
-    def cut_off(self) -> None:
-        """Shutdown cancelled this capture: say what became of the call."""
+    def cut_off(self, charged) -> None:
+        """Shutdown cancelled this capture: say what became of the call (`charged`: the
+        ledger row an earlier attempt committed, if one did)."""
         plan, tokens = self.plan, self.tokens
-        if self.charged is not None:  # committed; its events are being written
-            _charged(plan, self.charged)
+        charged = self.charged or charged
+        if charged is not None:  # committed; its events may still be being written
+            _charged(plan, charged)
         elif self.late is not None and not self.late.cancelled():
             self.late.add_done_callback(functools.partial(_charged_late, plan, tokens))
         else:
@@ -685,18 +695,36 @@ def _charged(plan, entry) -> None:
 
 
 def _charged_late(plan, tokens: tuple[int, int], capture: Future) -> None:
-    """A capture that went on in its thread after shutdown cut its call off (it was
-    running, so it was not cancelled)."""
-    if (exc := capture.exception()) is not None:
-        _charge_failed(plan, tokens, "not charged", exc)
-    else:
+    """A capture that went on in a thread after shutdown cut its call off (it had
+    started, or been sent to the database, so it was not cancelled)."""
+    exc = capture.exception()
+    if exc is None:
         _charged(plan, capture.result())
+    elif isinstance(exc, pgloop.OutcomeUnknown):
+        _charge_failed(plan, tokens, "perhaps not charged (its capture got no answer)", exc)
+    else:
+        _charge_failed(plan, tokens, "not charged", exc)
 
 
 def _charge_failed(
-    plan, tokens: tuple[int, int], what: str, exc: BaseException | None = None
+    plan,
+    tokens: tuple[int, int],
+    what: str,
+    exc: BaseException | None = None,
+    charged=None,
 ) -> None:
+    """Log (at ERROR) and count a call whose charge failed. `charged`: its ledger row,
+    if a capture committed it but what came after (its threshold events) failed."""
     request_id = plan.request_id
+    if charged is not None:
+        log.error(
+            "gateway call %s was charged, but its budgets' threshold events may be missing",
+            request_id,
+            exc_info=exc,
+            extra={"request_id": request_id},
+        )
+        _charged(plan, charged)
+        return
     log.error(
         "gateway call %s was answered but %s: %s prompt and %s completion tokens on %s; "
         "its hold stays until it expires",

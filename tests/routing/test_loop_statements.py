@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,7 @@ def threads_plan(monkeypatch):
 
 def plan(key, request_id="req-1", body=BODY):
     async def main():
+        views.use_loop_database()  # as the server does at start-up
         try:
             return await views._plan(key, body, request_id, "", None)
         finally:
@@ -288,7 +290,7 @@ def test_the_server_closes_its_loop_connections_on_shutdown(simulator, acme_key,
             reply = httpx.post(f"{url}/v1/chat/completions", json=BODY, headers=headers)
             assert reply.status_code == 200
         wait_for_charges()
-        (database,) = views._loop_databases.values()
+        (database,) = [d for d in views._loop_databases.values() if d is not None]
         pids = [idle._pgconn.backend_pid for idle in database._idle]
     assert pids and all(gone(pid, connection.settings_dict["NAME"]) for pid in pids)
 
@@ -331,6 +333,7 @@ def charge(plan, *, cancel_when=None, tokens=(12, 7)):
     it once that is true (as the server's loop does to a charge still running at its end)."""
 
     async def main():
+        views.use_loop_database()
         task = views._settling_task(
             views._charge(plan, tokens, estimated=False, latency_ms=5), plan.request_id
         )
@@ -486,3 +489,107 @@ def test_with_no_max_age_a_statement_has_a_connection_of_its_own():
 
     first, second = asyncio.run(main())
     assert first != second
+
+
+def test_a_capture_with_no_answer_in_time_is_cancelled_and_says_not_charged(
+    plain_plan, monkeypatch, caplog
+):
+    """The thread finishing a cut-off capture gives up after FINISH_SECONDS: it cancels
+    the statement, so "not charged" in the log is what the ledger shows."""
+    monkeypatch.setattr(pgloop, "FINISH_SECONDS", 0.3)
+    database_name = connection.settings_dict["NAME"]
+    caplog.set_level(logging.ERROR, logger="governance.gateway")
+    with locked_row("budgets_hold", plain_plan.hold.pk):
+        charge(plain_plan, cancel_when=lambda: waiting_on_a_lock(database_name))
+        wait_for(lambda: "not charged" in caplog.text)
+    time.sleep(0.3)  # the lock is gone: a statement still running would commit now
+    assert not SpendEntry.objects.exists()
+    assert Hold.objects.get(request_id="gw-loop").status == HoldStatus.HELD
+    assert "canceling statement" in caplog.text
+
+
+def test_a_capture_finishes_in_a_thread_whatever_its_descriptor(plain_plan, caplog):
+    """poll(), not select(): a process with many sockets has descriptors past 1024."""
+    fillers = [socket.socket() for _ in range(1100)]
+    try:
+        database_name = connection.settings_dict["NAME"]
+        caplog.set_level(logging.INFO, logger="governance.gateway")
+        with locked_row("budgets_hold", plain_plan.hold.pk):
+            charge(plain_plan, cancel_when=lambda: waiting_on_a_lock(database_name))
+        wait_for(lambda: any(getattr(r, "decision", None) for r in caplog.records))
+    finally:
+        for filler in fillers:
+            filler.close()
+    assert SpendEntry.objects.filter(request_id="gw-loop").exists()
+    assert "not charged" not in caplog.text
+
+
+def test_a_call_charged_before_a_later_failure_is_never_called_not_charged(
+    plain_plan, monkeypatch, caplog
+):
+    """The capture committed, writing its threshold events failed, and shutdown came
+    during the retry's wait: the log says charged."""
+    monkeypatch.setattr(views, "CHARGE_RETRY_SECONDS", 60)
+    monkeypatch.setattr(engine, "has_transitions", lambda changes: True)
+    failed = threading.Event()
+
+    def connection_lost(changes):
+        failed.set()
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(engine, "record_transitions", connection_lost)
+    before = metrics.UNCHARGED.labels(plain_plan.model.id)._value.get()
+    caplog.set_level(logging.INFO, logger="governance.gateway")
+    charge(plain_plan, cancel_when=failed.is_set)
+    assert SpendEntry.objects.filter(request_id="gw-loop").exists()
+    assert "not charged" not in caplog.text
+    assert [r for r in caplog.records if getattr(r, "decision", None) == "allowed"]
+    assert metrics.UNCHARGED.labels(plain_plan.model.id)._value.get() == before
+
+
+def test_closing_the_database_closes_a_connection_once_its_statement_ends():
+    async def main():
+        database = pgloop.LoopDatabase(2)
+        running = asyncio.create_task(
+            database.execute("SELECT pg_backend_pid(), pg_sleep(0.2)", {})
+        )
+        await asyncio.sleep(0.05)
+        database.close()
+        ((pid, _),) = await running
+        with pytest.raises(OperationalError, match="closed"):
+            await database.execute("SELECT 1", {})
+        return pid, database._idle, database._opened
+
+    pid, idle, opened = asyncio.run(main())
+    assert (idle, opened) == ([], 0)
+    assert gone(pid, connection.settings_dict["NAME"])
+
+
+def test_after_shutdown_closed_its_database_a_loop_goes_back_to_the_threads():
+    async def main():
+        views.use_loop_database()
+        opened = views._loop_database()
+        await views.close_loop_database()
+        return opened, views._loop_database()
+
+    opened, after = asyncio.run(main())
+    assert opened is not None and after is None
+
+
+def test_only_a_server_loop_that_asked_for_it_has_a_database():
+    """A loop made for one call (async_to_sync, Django's test client) would leave its
+    connections behind: the thread path serves it."""
+
+    async def main():
+        return views._loop_database()
+
+    assert asyncio.run(main()) is None
+
+
+def test_a_parameter_psycopg_cannot_send_is_djangos_error():
+    async def main(database):
+        with pytest.raises(ProgrammingError):
+            await database.execute("SELECT %(v)s", {"v": object()})
+        return database._opened
+
+    assert run(main, size=1) in (0, 1)
