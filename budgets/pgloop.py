@@ -1,11 +1,11 @@
 """PostgreSQL statements sent from the event loop itself, without a thread.
 
-The gateway's common call places its hold in one statement (sql.read_and_hold_sql). On a
-database thread that statement cost a hop each way and a contest for the interpreter
-lock with the event loop at every step of psycopg's cursor (bench/RESULTS.md). Here the
-statement goes out on a connection of the loop's own: the loop sends it, goes on with
-other work (the SDK builds the upstream request meanwhile), and reads the rows when the
-socket says they are there.
+The gateway's common call is two statements: one places its hold (sql.read_and_hold_sql)
+and one captures it after the reply (sql.capture_sql). On a database thread each cost a
+hop each way and a contest for the interpreter lock with the event loop at every step
+of psycopg's cursor (bench/RESULTS.md). Here they go out on connections of the loop's
+own: the loop sends the statement, goes on with other work (the SDK builds the upstream
+request meanwhile), and reads the rows when the socket says they are there.
 
 Only single statements in autocommit, each its own transaction: nothing here ever holds
 a transaction open across an await. The ORM never runs here (Django refuses it on an
@@ -19,7 +19,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-import logging
 import select
 import time
 from collections.abc import Callable
@@ -32,8 +31,6 @@ from psycopg._queries import PostgresQuery
 from psycopg.adapt import Transformer
 
 from . import sql
-
-log = logging.getLogger("governance.gateway")
 
 FINISH_SECONDS = 10  # for a statement abandoned on the loop to answer in a thread
 
