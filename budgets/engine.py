@@ -758,8 +758,13 @@ def capture(
         if claimed is None:
             locked = _locked_hold(request_id)
             if locked.status == HoldStatus.CAPTURED:
-                _record_crossings_shown(locked)
-                return SpendEntry.objects.get(request_id=request_id)
+                entry = SpendEntry.objects.get(request_id=request_id)
+                try:
+                    _record_crossings_shown(locked)
+                except Exception as exc:
+                    exc.charged_entry = entry  # charged before: never call it uncharged
+                    raise
+                return entry
             if locked.status == HoldStatus.VOIDED:
                 raise HoldConflict(f"authorization {request_id} was voided; nothing to capture")
             claimed = sql.claim_hold(request_id, now)  # placed since we looked; locked now
@@ -859,7 +864,11 @@ def _capture_in_one_statement(
         return None
     entry_id, changes = result
     captured(hold, entry, entry_id, connection.alias)
-    record_transitions(changes)
+    try:
+        record_transitions(changes)
+    except Exception as exc:
+        exc.charged_entry = entry  # committed: a caller must not call it uncharged
+        raise
     return entry
 
 

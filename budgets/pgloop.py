@@ -19,7 +19,9 @@ import asyncio
 import collections
 import contextlib
 import functools
+import logging
 import select
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +34,11 @@ from psycopg.adapt import Transformer
 
 from . import sql
 
-FINISH_SECONDS = 10  # for a statement abandoned on the loop to answer in a thread
+log = logging.getLogger("governance.gateway")
+
+# For a statement abandoned on the loop (shutdown) to answer in a thread, then as long
+# again for its cancellation: within `manage.py serve`'s margin before it kills.
+FINISH_SECONDS = 2
 
 
 class OutcomeUnknown(DatabaseError):
@@ -112,6 +118,7 @@ class LoopConnection:
         """Every result of what was sent, once the server has sent them all."""
         loop = asyncio.get_running_loop()
         pgconn, fd = self._pgconn, self.fd
+        results = self._received = []  # this statement's, also for finish()
         while pgconn.flush():  # the socket's buffer is full: wait until it takes more
             writable = loop.create_future()
             loop.add_writer(fd, _set_once, writable)
@@ -120,64 +127,87 @@ class LoopConnection:
             finally:
                 loop.remove_writer(fd)
         done: asyncio.Future[list[pq.abc.PGresult]] = loop.create_future()
-        results = self._received = []
 
-        def readable() -> None:
+        def readable() -> bool:
+            """Read what came; once the answer is whole (or the connection broke), stop
+            watching the socket (still ours: libpq closes it only inside this call)."""
             try:
                 pgconn.consume_input()
                 while not pgconn.is_busy():
                     result = pgconn.get_result()
                     if result is None:
-                        loop.remove_reader(fd)
                         if not done.done():
                             done.set_result(results)
-                        return
+                        return True
                     results.append(result)
             except Exception as exc:  # the connection broke
-                loop.remove_reader(fd)
                 if not done.done():
                     done.set_exception(exc)
+                return True
+            return False
 
-        loop.add_reader(fd, readable)
+        def on_readable() -> None:
+            if readable():
+                loop.remove_reader(fd)
+
+        if readable():  # flushing may have read the answer already
+            return await done
+        loop.add_reader(fd, on_readable)
         try:
             return await done
         finally:
-            loop.remove_reader(fd)
+            if done.cancelled():  # the socket is still ours and still watched
+                loop.remove_reader(fd)
 
     def finish(self, seconds: float) -> list[tuple]:
         """Blocking, in a thread: the rows of the statement in flight, whose caller gave
         up waiting on the loop; then close the connection. After `seconds` the statement
         is cancelled, and its outcome (its rows if it had already committed, or its
-        cancellation) waited for as long again; OutcomeUnknown if none comes."""
-        pgconn, results = self._pgconn, self._received  # what the loop read already
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        cancelled = False
-        deadline = time.monotonic() + seconds
+        cancellation's error) waited for as long again. Only the statement's own error
+        means it did not commit: a connection that breaks, or no answer at all, is
+        OutcomeUnknown."""
         try:
+            results = self._finish_results(seconds)
             with self.wrapper.wrap_database_errors:
-                while True:
-                    if not pgconn.is_busy():
-                        result = pgconn.get_result()
-                        if result is None:
-                            return self._rows(self.in_flight, results)
-                        results.append(result)
-                        continue
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        if cancelled:
-                            raise OutcomeUnknown(
-                                f"the database answered neither the statement nor its "
-                                f"cancellation within {2 * seconds} s"
-                            )
-                        pgconn.get_cancel().cancel()
-                        cancelled, deadline = True, time.monotonic() + seconds
-                        continue
-                    if poller.poll(left * 1000):
-                        pgconn.consume_input()
+                return self._rows(self.in_flight, results)
         finally:
             self.in_flight = None
             self.close()
+
+    def _finish_results(self, seconds: float) -> list[pq.abc.PGresult]:
+        pgconn, results = self._pgconn, self._received  # what the loop read already
+        cancelled = False
+        deadline = time.monotonic() + seconds
+        try:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN | select.POLLOUT)
+            while pgconn.flush():
+                poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
+            poller.modify(self.fd, select.POLLIN)
+            while True:
+                if not pgconn.is_busy():
+                    result = pgconn.get_result()
+                    if result is None:
+                        return results
+                    results.append(result)
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if cancelled:
+                        raise OutcomeUnknown(
+                            f"the database answered neither the statement nor its "
+                            f"cancellation within {2 * seconds} s"
+                        )
+                    with contextlib.suppress(Exception):  # then wait on regardless
+                        self._connection.cancel_safe(timeout=seconds)
+                    cancelled, deadline = True, time.monotonic() + seconds
+                    continue
+                if poller.poll(left * 1000):
+                    pgconn.consume_input()
+        except OutcomeUnknown:
+            raise
+        except Exception as exc:
+            raise OutcomeUnknown(f"the connection failed before the answer: {exc}") from exc
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -196,11 +226,30 @@ def _connect(alias: str) -> BaseDatabaseWrapper:
     return wrapper
 
 
-def _close_connected(connecting: asyncio.Future) -> None:
-    """A connection opened for a caller that was cancelled meanwhile."""
-    if not connecting.cancelled() and connecting.exception() is None:
-        with contextlib.suppress(Exception):
-            connecting.result().connection.close()
+class _Opening:
+    """A connection being opened in a thread for the loop. Its caller may give up
+    (cancelled, or the loop ended): then it is closed, by whichever side is last."""
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._wrapper: BaseDatabaseWrapper | None = None
+
+    def connect(self) -> BaseDatabaseWrapper:
+        wrapper = _connect(self.alias)
+        with self._lock:
+            if self._abandoned:
+                wrapper.connection.close()
+            self._wrapper = wrapper
+        return wrapper
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            if self._wrapper is not None:
+                with contextlib.suppress(Exception):
+                    self._wrapper.connection.close()
 
 
 class LoopDatabase:
@@ -241,7 +290,11 @@ class LoopDatabase:
         except asyncio.CancelledError:
             if abandoned is not None and connection.in_flight is not None:
                 self._hand_over(connection)
-                abandoned(functools.partial(connection.finish, FINISH_SECONDS))
+                try:
+                    abandoned(functools.partial(connection.finish, FINISH_SECONDS))
+                except Exception:
+                    connection.close()
+                    log.exception("a statement's answer could not be waited for")
             else:
                 self._discard(connection)
             raise
@@ -299,11 +352,15 @@ class LoopDatabase:
 
     async def _open(self) -> LoopConnection:
         self._opened += 1
-        connecting = asyncio.ensure_future(asyncio.to_thread(_connect, self.alias))
+        opening = _Opening(self.alias)
         try:
-            return LoopConnection(await asyncio.shield(connecting))
+            wrapper = await asyncio.get_running_loop().run_in_executor(None, opening.connect)
+            if self._closed:
+                wrapper.connection.close()
+                raise OperationalError("the event loop's database connections are closed")
+            return LoopConnection(wrapper)
         except BaseException:
-            connecting.add_done_callback(_close_connected)
+            opening.abandon()
             self._opened -= 1
             self._wake()
             raise
@@ -323,11 +380,8 @@ class LoopDatabase:
         connection.close()
 
     def _hand_over(self, connection: LoopConnection) -> None:
-        """`connection` is no longer this database's (closed, or closing elsewhere)."""
-        with contextlib.suppress(Exception):
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(connection.fd)
-            loop.remove_writer(connection.fd)
+        """`connection` is no longer this database's (closed, or closing elsewhere).
+        Nothing of it is watched by the loop any more (LoopConnection._answer)."""
         self._opened -= 1
         self._wake()
 

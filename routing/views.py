@@ -590,7 +590,7 @@ async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms:
             capture.cut_off(charged)
             raise
         except DatabaseError as exc:
-            charged = capture.charged or charged
+            charged = capture.charged or getattr(exc, "charged_entry", None) or charged
             if attempt == CHARGE_ATTEMPTS:
                 _charge_failed(plan, tokens, "not charged", exc, charged)
                 return
@@ -603,7 +603,8 @@ async def _charge(plan, tokens: tuple[int, int], *, estimated: bool, latency_ms:
                 extra={"request_id": plan.request_id},
             )
         except Exception as exc:
-            _charge_failed(plan, tokens, "not charged", exc, capture.charged or charged)
+            charged = capture.charged or getattr(exc, "charged_entry", None) or charged
+            _charge_failed(plan, tokens, "not charged", exc, charged)
             return
         try:
             await asyncio.sleep(CHARGE_RETRY_SECONDS * 2 ** (attempt - 1))
@@ -626,6 +627,7 @@ class _Capture:
         self.estimated, self.latency_ms = estimated, latency_ms
         self.charged = None  # the ledger row, once its statement committed
         self.late: Future | None = None  # a capture going on in a thread
+        self.events: Future | None = None  # the threshold events being written
 
     async def run(self):
         database = _loop_database()
@@ -642,7 +644,8 @@ class _Capture:
         engine.captured(hold, entry, entry_id, database.alias)
         self.charged = entry
         if engine.has_transitions(changes):
-            await in_thread(engine.record_transitions)(changes)
+            self.events = _submit(engine.record_transitions, changes)
+            await asyncio.wrap_future(self.events)
         return entry
 
     async def _in_thread(self):
@@ -668,17 +671,27 @@ class _Capture:
                 return self._capture()
             entry_id, changes = result
             engine.captured(self.plan.hold, entry, entry_id, DEFAULT_DB_ALIAS)
-            engine.record_transitions(changes)
+            try:
+                engine.record_transitions(changes)
+            except Exception as exc:
+                exc.charged_entry = entry  # committed: _charged_late says so
+                raise
             return entry
 
-        self.late = _submit(complete)
+        try:
+            self.late = _submit(complete)
+        except RuntimeError as exc:  # the threads are gone (the process is ending)
+            self.late = Future()
+            self.late.set_exception(pgloop.OutcomeUnknown(str(exc)))
 
     def cut_off(self, charged) -> None:
         """Shutdown cancelled this capture: say what became of the call (`charged`: the
         ledger row an earlier attempt committed, if one did)."""
         plan, tokens = self.plan, self.tokens
         charged = self.charged or charged
-        if charged is not None:  # committed; its events may still be being written
+        if charged is not None and self.events is not None and self.events.cancelled():
+            _charge_failed(plan, tokens, "", None, charged)  # charged, events not written
+        elif charged is not None:  # committed; its events may still be being written
             _charged(plan, charged)
         elif self.late is not None and not self.late.cancelled():
             self.late.add_done_callback(functools.partial(_charged_late, plan, tokens))
@@ -701,9 +714,22 @@ def _charged_late(plan, tokens: tuple[int, int], capture: Future) -> None:
     if exc is None:
         _charged(plan, capture.result())
     elif isinstance(exc, pgloop.OutcomeUnknown):
-        _charge_failed(plan, tokens, "perhaps not charged (its capture got no answer)", exc)
+        log.error(
+            "gateway call %s was answered, and its capture was sent but got no answer: "
+            "check the ledger for %s before charging %s prompt and %s completion tokens on "
+            "%s by hand (until it is charged its hold stays, then expires)",
+            plan.request_id,
+            plan.request_id,
+            tokens[0],
+            tokens[1],
+            plan.model.id,
+            exc_info=exc,
+            extra={"request_id": plan.request_id},
+        )
+        metrics.count_uncharged(plan.model.id)
+        _record_served(plan)
     else:
-        _charge_failed(plan, tokens, "not charged", exc)
+        _charge_failed(plan, tokens, "not charged", exc, getattr(exc, "charged_entry", None))
 
 
 def _charge_failed(

@@ -593,3 +593,145 @@ def test_a_parameter_psycopg_cannot_send_is_djangos_error():
         return database._opened
 
     assert run(main, size=1) in (0, 1)
+
+
+def uncharged(plan):
+    return metrics.UNCHARGED.labels(plan.model.id)._value.get()
+
+
+def failing_events(monkeypatch):
+    def connection_lost(changes):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(engine, "record_transitions", connection_lost)
+
+
+def test_a_thread_capture_that_committed_before_its_events_failed_is_called_charged(
+    plain_plan, monkeypatch, caplog
+):
+    """The threads' capture (no loop database) commits, and writing its threshold events
+    fails on every attempt: the call is charged, and the log says what is missing."""
+    monkeypatch.setattr(views, "CHARGE_RETRY_SECONDS", 0.001)
+    monkeypatch.setattr(engine, "has_transitions", lambda changes: True)
+    failing_events(monkeypatch)
+    before = uncharged(plain_plan)
+    caplog.set_level(logging.INFO, logger="governance.gateway")
+
+    async def main():  # no use_loop_database(): the threads' path
+        await views._charge(plain_plan, (12, 7), estimated=False, latency_ms=5)
+
+    asyncio.run(main())
+    assert SpendEntry.objects.filter(request_id="gw-loop").exists()
+    assert "not charged" not in caplog.text
+    assert "threshold events may be missing" in caplog.text
+    assert uncharged(plain_plan) == before
+
+
+def test_a_cut_off_capture_that_committed_before_its_events_failed_is_called_charged(
+    plain_plan, monkeypatch, caplog
+):
+    database_name = connection.settings_dict["NAME"]
+    failing_events(monkeypatch)
+    before = uncharged(plain_plan)
+    caplog.set_level(logging.INFO, logger="governance.gateway")
+    with locked_row("budgets_hold", plain_plan.hold.pk):
+        charge(plain_plan, cancel_when=lambda: waiting_on_a_lock(database_name))
+    wait_for(lambda: "threshold events may be missing" in caplog.text)
+    assert SpendEntry.objects.filter(request_id="gw-loop").exists()
+    assert "not charged" not in caplog.text
+    assert uncharged(plain_plan) == before
+
+
+def test_a_cut_off_capture_whose_cancellation_fails_is_of_unknown_outcome(
+    plain_plan, monkeypatch, caplog
+):
+    """Neither an answer nor a cancellation: the log says to check the ledger (the
+    statement may still commit, and here it does once the lock goes)."""
+    monkeypatch.setattr(pgloop, "FINISH_SECONDS", 0.3)
+
+    def cannot_cancel(self, timeout=None):
+        raise psycopg.OperationalError("could not connect to server for the cancel request")
+
+    monkeypatch.setattr(psycopg.Connection, "cancel_safe", cannot_cancel)
+    database_name = connection.settings_dict["NAME"]
+    caplog.set_level(logging.INFO, logger="governance.gateway")
+    with locked_row("budgets_hold", plain_plan.hold.pk):
+        charge(plain_plan, cancel_when=lambda: waiting_on_a_lock(database_name))
+        wait_for(lambda: "got no answer" in caplog.text)
+    assert "check the ledger for gw-loop" in caplog.text
+    assert "not charged" not in caplog.text
+
+
+def _broken_while_its_socket_number_is_reused(loop_factory, by_a_transport):
+    """A connection breaks while its statement waits; libpq closes its socket, and the
+    same descriptor number goes to another socket of the loop before the statement's
+    task resumes. Returns what the statement raised and whether the other socket is
+    still watched."""
+    kept, seen = [], {}
+
+    async def main():
+        database = pgloop.LoopDatabase(1)
+        try:
+            ((pid,),) = await database.execute("SELECT pg_backend_pid()", {})
+            connection_ = database._idle[0]
+            loop = asyncio.get_running_loop()
+            real = connection_._pgconn
+
+            class Reusing:
+                def __getattr__(self, name):
+                    return getattr(real, name)
+
+                def consume_input(self):
+                    try:
+                        return real.consume_input()
+                    except Exception:
+                        for _ in range(64):
+                            other = socket.socket()
+                            kept.append(other)
+                            if other.fileno() == connection_.fd:
+                                break
+                        seen["reused"] = other.fileno() == connection_.fd
+                        if by_a_transport:
+                            kept.append(
+                                loop.create_task(
+                                    loop.connect_accepted_socket(asyncio.Protocol, other)
+                                )
+                            )
+                        else:
+                            loop.call_soon(loop.add_reader, other.fileno(), lambda: None)
+                            seen["other"] = other
+                        raise
+
+            connection_._pgconn = Reusing()
+            statement = asyncio.create_task(database.execute("SELECT pg_sleep(5)", {}))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(terminate, pid)
+            try:
+                await statement
+            except BaseException as exc:  # what it raised is the point
+                seen["raised"] = exc
+            if "other" in seen:
+                watched = loop._selector.get_map().get(seen["other"].fileno())
+                seen["other_watched"] = watched is not None
+        finally:
+            database.close()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+    for other in kept:
+        if isinstance(other, socket.socket):
+            other.close()
+    return seen
+
+
+def test_a_broken_connection_is_djangos_error_under_uvloop_whoever_took_its_number():
+    import uvloop
+
+    seen = _broken_while_its_socket_number_is_reused(uvloop.new_event_loop, True)
+    assert seen["reused"] and isinstance(seen["raised"], OperationalError)
+
+
+def test_a_broken_connection_leaves_the_socket_that_took_its_number_watched():
+    seen = _broken_while_its_socket_number_is_reused(asyncio.new_event_loop, False)
+    assert seen["reused"] and isinstance(seen["raised"], OperationalError)
+    assert seen["other_watched"]
