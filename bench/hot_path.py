@@ -10,6 +10,8 @@ machine; the medians compare them:
 - placing a hold: the one-statement path of the common call (read and hold together,
   `gateway.plan_call`) against the general path (`engine.state_of`, then
   `engine.authorize`), each followed by its capture;
+- PostgreSQL, from an event loop: the plan and charge of the common call with its two
+  statements sent from a database thread against from the loop itself (budgets.pgloop);
 - the SDK call: mistralai over httpx2's own AsyncClient against `DirectAsyncClient`
   (both over the aiohttp transport), against a Mistral simulator on loopback.
 """
@@ -88,6 +90,53 @@ def hold_paths(calls: int) -> dict[str, float]:
     return _medians(samples, skip=calls // 10)
 
 
+def statements_from(calls: int) -> dict[str, float]:
+    """Milliseconds to plan and charge one common call from an event loop (PostgreSQL),
+    by where its two statements run: a database thread (plan_call, capture) or the
+    loop itself (budgets.pgloop), as the gateway's view does (medians)."""
+    import uvloop
+    from django.db import connection
+
+    from budgets import services
+    from budgets.models import Tenant
+    from routing import gateway, views
+
+    if connection.vendor != "postgresql":
+        return {}
+    tenant = Tenant.objects.filter(stripe_customer_id="cus_hotpath").first()
+    if tenant is None:
+        tenant = services.create_tenant("Hot path", "cus_hotpath")
+    agent = services.create_agent(tenant, f"bench-{time.time_ns()}")
+    key = services.authenticate_key(services.issue_key(agent)[1])
+    tokens = (gateway.prompt_token_bound(BODY), BODY["max_tokens"])
+
+    async def thread(request_id):
+        plan = await views.in_thread(gateway.plan_call)(key, BODY, request_id=request_id)
+        await views.in_thread(gateway.capture)(
+            plan, prompt_tokens=tokens[0], completion_tokens=tokens[1]
+        )
+
+    async def loop(request_id):
+        plan = await views._plan(key, BODY, request_id, "", None)
+        await views._Capture(plan, tokens, False, 1).run()
+
+    async def run():
+        views.use_loop_database()
+        samples: dict[str, list[float]] = {"thread": [], "loop": []}
+        try:
+            for n in range(calls):
+                for name, call in (("thread", thread), ("loop", loop)):
+                    started = time.perf_counter()
+                    await call(f"hot-{name}-{n}-{time.time_ns()}")
+                    samples[name].append((time.perf_counter() - started) * 1000)
+        finally:
+            await views.close_loop_database()
+        return _medians(samples, skip=calls // 10)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run())
+
+
 def sdk_clients(calls: int) -> dict[str, float]:
     """Milliseconds for one chat completion through the SDK, by HTTP client (medians)."""
     import httpx2
@@ -132,6 +181,9 @@ def main() -> None:
     _setup(database_url)
     holds = hold_paths(args.calls)
     print(f"authorize + capture, ms (median of {args.calls}): {holds}")
+    statements = statements_from(args.calls)
+    if statements:
+        print(f"plan + charge from an event loop, ms (median of {args.calls}): {statements}")
     clients = sdk_clients(args.calls)
     print(f"SDK chat completion, ms (median of {args.calls}): {clients}")
 
