@@ -360,10 +360,10 @@ def state_of(
     rows = sql.policies_with_open_periods(
         tenant.pk, agent.pk if agent is not None else None, user_key, now
     )
-    return _scope_of(tenant, agent, user_key, now, rows)
+    return scope_of(tenant, agent, user_key, now, rows)
 
 
-def _scope_of(
+def scope_of(
     tenant: Tenant,
     agent: Agent | None,
     user_key: str,
@@ -495,13 +495,13 @@ def _check_hold_request(request_id: str, input_tokens: int, max_output_tokens: i
 
 
 def authorizes_in_one_statement() -> bool:
-    """Whether authorize_if_plain can place a hold here (PostgreSQL)."""
+    """Whether place_plain_hold can place a hold here (PostgreSQL)."""
     return connection.vendor == "postgresql"
 
 
 @dataclass
 class PlainHold:
-    """The hold of a common call, not placed yet: what authorize_if_plain sends to the
+    """The hold of a common call, not placed yet: what place_plain_hold sends to the
     database in one statement (sql.read_and_hold_sql), here or from the gateway's event
     loop (budgets.pgloop)."""
 
@@ -534,7 +534,7 @@ class PlainHold:
         if hold_id is None:
             return None, None
         # Held: every policy had its period and default, so this creates nothing.
-        scope = _scope_of(self.tenant, self.agent, self.user_key, self.now, rows)
+        scope = scope_of(self.tenant, self.agent, self.user_key, self.now, rows)
         hold = self.hold
         hold.pk, hold._state.adding, hold._state.db = hold_id, False, alias
         return scope, hold
@@ -553,7 +553,7 @@ def plain_hold(
     policy_strategy_matters: bool,
     now: datetime | None = None,
 ) -> PlainHold:
-    """The common call's hold (authorize_if_plain), checked but not placed."""
+    """The common call's hold (place_plain_hold), checked but not placed."""
     _check_hold_request(request_id, input_tokens, max_output_tokens)
     validate_user_key(user_key)
     check_access(tenant, agent)
@@ -573,60 +573,25 @@ def plain_hold(
     )
 
 
-def scope_of(
-    tenant: Tenant,
-    agent: Agent | None,
-    user_key: str,
-    now: datetime,
-    rows: list[tuple[BudgetPolicy, BudgetPeriod | None]],
-) -> BudgetScope:
-    """state_of() from rows already read (sql.policies_with_open_periods' shape)."""
-    return _scope_of(tenant, agent, user_key, now, rows)
-
-
-def authorize_if_plain(
-    tenant: Tenant,
-    agent: Agent | None,
-    user_key: str,
-    *,
-    request_id: str,
-    model: str,
-    prices: Prices,
-    input_tokens: int,
-    max_output_tokens: int,
-    policy_strategy_matters: bool,
-    now: datetime | None = None,
-) -> tuple[BudgetScope | None, Hold | None]:
-    """The common call, read and held in one statement (PostgreSQL): every budget is
-    below its soft cap and can pay for all of `max_output_tokens`, no budget is new
-    (a policy or period to create), and, if `policy_strategy_matters`, no policy picks
-    a routing strategy. Then the hold is what authorize(state_of(...), ...) would
-    place, and this returns (the scope after the hold, the hold).
+def place_plain_hold(plain: PlainHold) -> tuple[BudgetScope | None, Hold | None]:
+    """The common call, read and held in one statement (PostgreSQL), from this thread:
+    every budget is below its soft cap and can pay for all of its max_output_tokens, no
+    budget is new (a policy or period to create), and, if `policy_strategy_matters`, no
+    policy picks a routing strategy. Then the hold is what authorize(state_of(...), ...)
+    would place, and this returns (the scope after the hold, the hold).
 
     Otherwise nothing is held and it returns (state_of's scope, None), read in the
     same statement, for the general decision. (None, None) where the statement does
     not apply: other databases, or a request id already used."""
     if not authorizes_in_one_statement():
         return None, None
-    plain = plain_hold(
-        tenant,
-        agent,
-        user_key,
-        request_id=request_id,
-        model=model,
-        prices=prices,
-        input_tokens=input_tokens,
-        max_output_tokens=max_output_tokens,
-        policy_strategy_matters=policy_strategy_matters,
-        now=now,
-    )
     try:
         hold_id, rows, locked = sql.read_and_hold_postgres(plain)
     except IntegrityError:  # the request id is taken: authorize() tells whose it is
         return None, None
     scope, hold = plain.outcome(hold_id, rows, locked, connection.alias)
     if hold is None:
-        return _scope_of(tenant, agent, user_key, plain.now, rows), None
+        return scope_of(plain.tenant, plain.agent, plain.user_key, plain.now, rows), None
     return scope, hold
 
 

@@ -308,7 +308,7 @@ class LoopDatabase:
         return rows
 
     async def read_and_hold(self, plain, sent: Callable[[], None] | None = None):
-        """engine.authorize_if_plain's statement for `plain` (an engine.PlainHold):
+        """engine.place_plain_hold's statement for `plain` (an engine.PlainHold):
         (hold id or None, [(policy, period or None)], {period id: (spent, held, state)})
         as sql.read_and_hold_postgres returns them."""
         rows = await self.execute(sql.read_and_hold_sql(), plain.params(self.db), sent)

@@ -204,7 +204,34 @@ def asked_max_tokens(body: dict[str, Any], model: ModelSpec) -> int:
     return min(body.get("max_tokens") or model.max_output_tokens, model.max_output_tokens)
 
 
-def _plain_choice(
+@dataclass
+class PlainCall:
+    """The common call decided up to its hold, which one statement places: from a
+    database thread (engine.place_plain_hold) or from the event loop (budgets.pgloop).
+    `plan(...)` is then the call's plan."""
+
+    key: ApiKey
+    body: dict[str, Any]
+    requested: ModelSpec
+    request_id: str
+    model: ModelSpec
+    input_bound: int
+    hold: engine.PlainHold
+
+    def plan(self, scope: engine.BudgetScope, hold: Hold) -> CallPlan:
+        return CallPlan(
+            request_id=self.request_id,
+            key=self.key,
+            hold=hold,
+            model=self.model,
+            requested_model=self.requested.id,
+            body=self.body,
+            input_bound=self.input_bound,
+            scope=scope,
+        )
+
+
+def _plain_call(
     key: ApiKey,
     body: dict[str, Any],
     requested: ModelSpec,
@@ -212,40 +239,27 @@ def _plain_choice(
     request_id: str,
     user_key: str,
     input_tokens: int | None,
-) -> tuple[ModelSpec, int, dict[str, Any]] | None:
-    """The model and prompt bound of the common call, and its hold's arguments
-    (engine.authorize_if_plain's). None where no plain plan can be made."""
+) -> PlainCall | None:
+    """The common call on the model the strategy picks, all of max_tokens held. None
+    where no plain plan can be made."""
     model = plain_model(key, body, requested)
     if model is None:
         return None  # the general decision answers, after the budget checks
     input_bound = prompt_token_bound(body) if input_tokens is None else input_tokens
     if input_bound >= model.context_window:
         return None
-    arguments = {
-        "tenant": key.agent.tenant,
-        "agent": key.agent,
-        "user_key": user_key,
-        "request_id": request_id,
-        "model": model.id,
-        "prices": model.prices,
-        "input_tokens": input_bound,
-        "max_output_tokens": asked_max_tokens(body, model),
-        "policy_strategy_matters": not key.agent.strategy,
-    }
-    return model, input_bound, arguments
-
-
-def _plain_call_plan(key, body, requested, request_id, model, input_bound, scope, hold):
-    return CallPlan(
+    hold = engine.plain_hold(
+        key.agent.tenant,
+        key.agent,
+        user_key,
         request_id=request_id,
-        key=key,
-        hold=hold,
-        model=model,
-        requested_model=requested.id,
-        body=body,
-        input_bound=input_bound,
-        scope=scope,
+        model=model.id,
+        prices=model.prices,
+        input_tokens=input_bound,
+        max_output_tokens=asked_max_tokens(body, model),
+        policy_strategy_matters=not key.agent.strategy,
     )
+    return PlainCall(key, body, requested, request_id, model, input_bound, hold)
 
 
 def _plain_plan(
@@ -257,52 +271,22 @@ def _plain_plan(
     user_key: str,
     input_tokens: int | None,
 ) -> tuple[engine.BudgetScope | None, CallPlan | None]:
-    """The common call in one statement (engine.authorize_if_plain): every budget below
+    """The common call in one statement (engine.place_plain_hold): every budget below
     its soft cap (so no downgrade and no tools removed), none picking a strategy the
     agent does not override, and all of max_tokens affordable on the model the strategy
     picks. That is the plan the general decision below would make. Otherwise no plan,
     and the budgets as read (None where nothing was read) for the general decision."""
     if not engine.authorizes_in_one_statement():
         return None, None
-    choice = _plain_choice(
+    call = _plain_call(
         key, body, requested, request_id=request_id, user_key=user_key, input_tokens=input_tokens
     )
-    if choice is None:
+    if call is None:
         return None, None
-    model, input_bound, arguments = choice
-    scope, hold = engine.authorize_if_plain(**arguments)
+    scope, hold = engine.place_plain_hold(call.hold)
     if hold is None:
         return scope, None
-    return scope, _plain_call_plan(
-        key, body, requested, request_id, model, input_bound, scope, hold
-    )
-
-
-@dataclass
-class PlainCall:
-    """The common call decided up to its hold, which the caller places in one statement
-    (the gateway sends it from its event loop: budgets.pgloop). `plan(...)` is then the
-    plan _plain_plan would have made."""
-
-    key: ApiKey
-    body: dict[str, Any]
-    requested: ModelSpec
-    request_id: str
-    model: ModelSpec
-    input_bound: int
-    hold: engine.PlainHold
-
-    def plan(self, scope: engine.BudgetScope, hold: Hold) -> CallPlan:
-        return _plain_call_plan(
-            self.key,
-            self.body,
-            self.requested,
-            self.request_id,
-            self.model,
-            self.input_bound,
-            scope,
-            hold,
-        )
+    return scope, call.plan(scope, hold)
 
 
 def plain_call(
@@ -313,14 +297,8 @@ def plain_call(
     before reading the budgets (access, an unknown model, a bad request id)."""
     engine.check_access(key.agent.tenant, key.agent)
     requested = resolve_model(get_catalog(), body["model"])
-    choice = _plain_choice(
+    return _plain_call(
         key, body, requested, request_id=request_id, user_key=user_key, input_tokens=None
-    )
-    if choice is None:
-        return None
-    model, input_bound, arguments = choice
-    return PlainCall(
-        key, body, requested, request_id, model, input_bound, engine.plain_hold(**arguments)
     )
 
 

@@ -690,7 +690,7 @@ class _Capture:
         plan, tokens = self.plan, self.tokens
         charged = self.charged or charged
         if charged is not None and self.events is not None and self.events.cancelled():
-            _charge_failed(plan, tokens, "", None, charged)  # charged, events not written
+            _events_missing(plan, charged)
         elif charged is not None:  # committed; its events may still be being written
             _charged(plan, charged)
         elif self.late is not None and not self.late.cancelled():
@@ -732,6 +732,17 @@ def _charged_late(plan, tokens: tuple[int, int], capture: Future) -> None:
         _charge_failed(plan, tokens, "not charged", exc, getattr(exc, "charged_entry", None))
 
 
+def _events_missing(plan, entry, exc: BaseException | None = None) -> None:
+    """A call charged (`entry`) whose threshold events were not written."""
+    log.error(
+        "gateway call %s was charged, but its budgets' threshold events may be missing",
+        plan.request_id,
+        exc_info=exc,
+        extra={"request_id": plan.request_id},
+    )
+    _charged(plan, entry)
+
+
 def _charge_failed(
     plan,
     tokens: tuple[int, int],
@@ -741,16 +752,10 @@ def _charge_failed(
 ) -> None:
     """Log (at ERROR) and count a call whose charge failed. `charged`: its ledger row,
     if a capture committed it but what came after (its threshold events) failed."""
-    request_id = plan.request_id
     if charged is not None:
-        log.error(
-            "gateway call %s was charged, but its budgets' threshold events may be missing",
-            request_id,
-            exc_info=exc,
-            extra={"request_id": request_id},
-        )
-        _charged(plan, charged)
+        _events_missing(plan, charged, exc)
         return
+    request_id = plan.request_id
     log.error(
         "gateway call %s was answered but %s: %s prompt and %s completion tokens on %s; "
         "its hold stays until it expires",

@@ -255,16 +255,18 @@ def test_a_budget_past_its_soft_cap_is_read_not_locked(require_postgres, transac
     (period,) = BudgetPeriod.objects.all()
     settings_dict = connection.settings_dict
     with transaction.atomic():
-        scope, hold = engine.authorize_if_plain(
-            acme,
-            agent,
-            "",
-            request_id="not-plain",
-            model=LARGE,
-            prices=get_catalog().resolve(LARGE).prices,
-            input_tokens=10,
-            max_output_tokens=10,
-            policy_strategy_matters=True,
+        scope, hold = engine.place_plain_hold(
+            engine.plain_hold(
+                acme,
+                agent,
+                "",
+                request_id="not-plain",
+                model=LARGE,
+                prices=get_catalog().resolve(LARGE).prices,
+                input_tokens=10,
+                max_output_tokens=10,
+                policy_strategy_matters=True,
+            )
         )
         with psycopg.connect(
             dbname=settings_dict["NAME"],
