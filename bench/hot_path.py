@@ -13,7 +13,7 @@ machine; the medians compare them:
 - PostgreSQL, from an event loop: the plan and charge of the common call with its two
   statements sent from a database thread against from the loop itself (budgets.pgloop);
 - the SDK call: mistralai over httpx2's own AsyncClient against `DirectAsyncClient`
-  (both over the aiohttp transport), against a Mistral simulator on loopback.
+  (both over the HTTP/1.1 transport), against a Mistral simulator on loopback.
 """
 
 from __future__ import annotations
@@ -143,11 +143,11 @@ def sdk_clients(calls: int) -> dict[str, float]:
     from mistralai.client import Mistral
 
     from routing.simulator import running_simulator
-    from routing.transport import AiohttpTransport, DirectAsyncClient
+    from routing.transport import DirectAsyncClient, Http11Transport
     from routing.upstream import ExtraFieldsTransport
 
     def sdk(url, client_class):
-        transport = ExtraFieldsTransport(AiohttpTransport())
+        transport = ExtraFieldsTransport(Http11Transport())
         return Mistral(
             api_key="bench",
             server_url=url,

@@ -1,83 +1,353 @@
-"""The HTTP transport under the Mistral SDK: aiohttp, behind httpx2's transport API.
+"""The HTTP transport under the Mistral SDK: a lean HTTP/1.1 client behind httpx2's
+transport API.
 
-The SDK speaks httpx2, whose default transport (httpcore2 over h11) parses HTTP in
-pure Python: about a millisecond of the gateway's CPU per call, more than the SDK
-itself (bench/RESULTS.md). aiohttp parses in C (llhttp) and keeps its own pool of
-keep-alive connections. The SDK and httpx2's client are unchanged above this: they
-build the request, read the body, decode gzip and raise the SDK's errors; this
-transport only moves bytes and turns aiohttp's failures into httpx2's, so the gateway
-tells a timeout or a refused connection (fall back to the next model) from an answer.
+The SDK speaks httpx2, whose default transport (httpcore2 over h11) parses HTTP in pure
+Python: about a millisecond of the gateway's CPU per call. The gateway sends one kind of
+request: a small JSON POST to one origin, over keep-alive connections, answered by a
+JSON body or a stream of server-sent events. This client does only what such a call
+needs: it writes the request in one piece, parses the response with httptools (llhttp,
+as uvicorn does), and hands the body over as it arrives. aiohttp, which did this before,
+cost ~0.45 ms more of the event loop per call (its request and response objects,
+tracing signals, timers, URL and multidict work: bench/RESULTS.md). The SDK and httpx2's
+client are unchanged above it: they build the request, read the body, decode gzip and
+raise the SDK's errors; this transport moves bytes and turns failures into httpx2's, so
+the gateway tells a timeout or a refused connection (fall back to the next model) from
+an answer.
 
-What it keeps from httpx2's transport: TLS verified against the same certificates
-(`httpx2.create_ssl_context`: certifi, or SSL_CERT_FILE), proxies from HTTP(S)_PROXY,
-ALL_PROXY and NO_PROXY (read when the client is made), the SDK's per-request timeouts
-(connect, pool and read), no redirects followed, bodies passed through undecoded.
-What it does not do: HTTP/2 (the SDK's client does not ask for it either) and write
-timeouts (request bodies are small and the gateway refuses large ones).
+What it keeps from httpx2's own transport: TLS verified against the same certificates
+(`httpx2.create_ssl_context`: certifi, or SSL_CERT_FILE), the SDK's per-request timeouts
+(connect, read and pool), no redirects followed, bodies passed through undecoded. A URL
+that a proxy from HTTP(S)_PROXY, ALL_PROXY and NO_PROXY (read when the transport is
+made) applies to, and a HEAD request, go through httpx2's own transport. What it does
+not do: HTTP/2 (the SDK does not ask for it either), write timeouts (request bodies are
+small and the gateway refuses large ones), and interim 1xx responses (Mistral sends
+none; one is a protocol error here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
+import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
-import aiohttp
+import httptools
 import httpx2
 
-# Set by aiohttp itself from the URL and body, or meaningless per hop.
-_NOT_FORWARDED = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+# Written here from the URL and body, or meaningless per hop.
+_NOT_FORWARDED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
+# A streamed body the caller has not read yet: reading from the upstream stops past this
+# many bytes, and starts again below half of it.
+PAUSE_BYTES = 1 << 20
 
 
-@contextlib.contextmanager
-def _as_httpx_errors(request: httpx2.Request) -> Iterator[None]:
-    """aiohttp's failures as the httpx2 errors the SDK and the gateway expect."""
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise httpx2.ConnectTimeout(str(exc) or "connecting timed out", request=request) from exc
-    except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-        raise httpx2.ReadTimeout(str(exc) or "reading timed out", request=request) from exc
-    except aiohttp.ClientProxyConnectionError as exc:
-        raise httpx2.ProxyError(str(exc), request=request) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise httpx2.ConnectError(str(exc), request=request) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
-        message = str(exc) or "the server closed the connection"
-        raise httpx2.RemoteProtocolError(message, request=request) from exc
-    except aiohttp.ClientResponseError as exc:  # a response aiohttp could not parse
-        raise httpx2.RemoteProtocolError(str(exc), request=request) from exc
-    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
-        raise httpx2.UnsupportedProtocol(str(exc), request=request) from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise httpx2.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to one origin: one request at a time, its response
+    parsed as the bytes arrive."""
+
+    def __init__(self, pool: _Pool, origin: tuple[str, str, int]) -> None:
+        self.pool, self.origin = pool, origin
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._start()
+
+    def _start(self) -> None:
+        """Ready for the next response."""
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+        self._head_done = False
+        self._keep_alive = False
+        self._body: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._error: httpx2.TransportError | None = None
+        self._waiter: asyncio.Future | None = None
+
+    # asyncio's side
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._error is not None or self.complete:
+            self._fail(httpx2.RemoteProtocolError("the upstream sent bytes nobody asked for"))
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx2.RemoteProtocolError("the upstream switched protocols"))
+        except httptools.HttpParserError as exc:
+            self._fail(httpx2.RemoteProtocolError(f"the upstream sent malformed HTTP: {exc}"))
+
+    def eof_received(self) -> bool:
+        self._ended(None)
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended(exc)
+
+    # httptools' side
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        if self.status < 200:
+            raise httptools.HttpParserError(f"an interim {self.status} response")
+        self._keep_alive = self._parser.should_keep_alive()
+        self._head_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._buffered += len(body)
+        if self._buffered > PAUSE_BYTES and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # the transport's side
+
+    async def send(self, wire: bytes, request: httpx2.Request, timeout: float | None) -> None:
+        """Write the request; return once the response's status and headers are in."""
+        self.transport.write(wire)
+        while not self._head_done:
+            if self._error is not None:
+                raise _about(self._error, request)
+            await self._wait(request, timeout)
+
+    async def body(self, request: httpx2.Request, timeout: float | None) -> AsyncIterator[bytes]:
+        while True:
+            if self._body:
+                chunk = self._body.popleft()
+                self._buffered -= len(chunk)
+                if self._paused and self._buffered <= PAUSE_BYTES // 2 and not self.closed:
+                    self._paused = False
+                    self.transport.resume_reading()
+                yield chunk
+            elif self.complete:
+                return
+            elif self._error is not None:
+                raise _about(self._error, request)
+            else:
+                await self._wait(request, timeout)
+
+    def release(self) -> None:
+        """The caller is done with the response: the connection goes back to the pool
+        if the response was read to its end and the upstream keeps it open."""
+        if self.complete and self._keep_alive and not self.closed:
+            self._start()
+            self.pool.put_back(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.discard(self)
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _wait(self, request: httpx2.Request, timeout: float | None) -> None:
+        loop = self.pool.loop
+        self._waiter = waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _time_out, waiter)
+        try:
+            await waiter
+        except TimeoutError:
+            self.close()
+            message = f"the upstream sent nothing for {timeout} s"
+            raise httpx2.ReadTimeout(message, request=request) from None
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, error: httpx2.TransportError) -> None:
+        if self._error is None:
+            self._error = error
+        self.close()
+        self._wake()
+
+    def _ended(self, exc: Exception | None) -> None:
+        """The connection closed: the end of a body that runs until then, or an error
+        if more of the response was to come."""
+        self.closed = True
+        self.pool.discard(self)
+        if self._head_done and not self.complete and self._error is None and self._to_close():
+            self.complete = True
+        elif not self.complete and self._error is None:
+            cause = f": {exc}" if exc else ""
+            self._error = httpx2.RemoteProtocolError(
+                f"the upstream closed the connection before the whole response{cause}"
+            )
+        self._wake()
+
+    def _to_close(self) -> bool:
+        """Whether the body of this response runs until the connection closes (neither
+        a length nor chunks)."""
+        if self.status in (204, 304):
+            return False
+        framing = (b"content-length", b"transfer-encoding")
+        return not any(name.lower() in framing for name, _ in self.headers)
+
+
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+def _about(error: httpx2.TransportError, request: httpx2.Request) -> httpx2.TransportError:
+    """A connection's error, raised for the request that met it."""
+    raised = type(error)(str(error), request=request)
+    raised.__cause__ = error.__cause__
+    return raised
+
+
+class _Pool:
+    """The connections of one event loop, idle ones by origin (the last used first),
+    at most `limit` open at once."""
+
+    def __init__(self, loop, *, limit: int, keepalive_seconds: float, ssl) -> None:
+        self.loop, self.limit, self.ssl = loop, limit, ssl
+        self.keepalive_seconds = keepalive_seconds
+        self.open: set[_Connection] = set()
+        self._idle: dict[tuple, list[_Connection]] = {}
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+
+    async def connection(self, origin: tuple, request, timeout: dict) -> _Connection:
+        """An idle connection to `origin`, or a new one once there is room for it."""
+        while True:
+            idle = self._idle.get(origin)
+            now = time.monotonic()
+            while idle:
+                connection = idle.pop()
+                if not connection.closed and now - connection.idle_since < self.keepalive_seconds:
+                    return connection
+                connection.close()
+            if len(self.open) >= self.limit:
+                self._close_an_idle_one()  # kept for another origin
+            if len(self.open) < self.limit:
+                break
+            await self._room(request, timeout.get("pool"))
+        connection = _Connection(self, origin)
+        self.open.add(connection)
+        try:
+            await self._connect(connection, request, timeout.get("connect"))
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    async def _connect(self, connection: _Connection, request, seconds: float | None) -> None:
+        scheme, host, port = connection.origin
+        tls = scheme == "https"
+        try:
+            async with asyncio.timeout(seconds):
+                await self.loop.create_connection(
+                    lambda: connection,
+                    host,
+                    port,
+                    ssl=self.ssl if tls else None,
+                    server_hostname=host if tls else None,
+                )
+        except TimeoutError as exc:
+            message = f"connecting to {host}:{port} took over {seconds} s"
+            raise httpx2.ConnectTimeout(message, request=request) from exc
+        except OSError as exc:  # refused, unreachable, unknown host, TLS failure
+            message = f"connecting to {host}:{port} failed: {exc}"
+            raise httpx2.ConnectError(message, request=request) from exc
+
+    async def _room(self, request, seconds: float | None) -> None:
+        room = self.loop.create_future()
+        self._waiting.append(room)
+        woken = False
+        try:
+            async with asyncio.timeout(seconds):
+                await room
+            woken = True
+        except TimeoutError as exc:
+            message = f"all {self.limit} upstream connections stayed busy for {seconds} s"
+            raise httpx2.PoolTimeout(message, request=request) from exc
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(room)
+            if not woken and room.done() and not room.cancelled():
+                self._make_room()  # woken as it gave up: the next one's turn
+
+    def put_back(self, connection: _Connection) -> None:
+        connection.idle_since = time.monotonic()
+        self._idle.setdefault(connection.origin, []).append(connection)
+        self._make_room()
+
+    def discard(self, connection: _Connection) -> None:
+        if connection in self.open:
+            self.open.discard(connection)
+            idle = self._idle.get(connection.origin)
+            if idle and connection in idle:
+                idle.remove(connection)
+            self._make_room()
+
+    def _make_room(self) -> None:
+        """Wake the first caller waiting for a connection: one came back, or closed."""
+        while self._waiting:
+            room = self._waiting.popleft()
+            if not room.done():
+                room.set_result(None)
+                return
+
+    def _close_an_idle_one(self) -> None:
+        for idle in self._idle.values():
+            if idle:
+                idle[0].close()  # the longest idle
+                return
+
+    def close(self) -> None:
+        for connection in list(self.open):
+            connection.close()
 
 
 class _ResponseStream(httpx2.AsyncByteStream):
-    """The body as it arrives; closing it early closes the connection (a stream the
-    gateway stops reading must stop upstream too)."""
+    """The body as it arrives; closing it before its end closes the connection (a
+    stream the gateway stops reading must stop upstream too)."""
 
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request) -> None:
-        self._response, self._request = response, request
+    def __init__(self, connection: _Connection, request: httpx2.Request, timeout) -> None:
+        self._connection, self._request, self._timeout = connection, request, timeout
+        self._released = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _as_httpx_errors(self._request):
-            async for chunk in self._response.content.iter_any():
-                yield chunk
+        async for chunk in self._connection.body(self._request, self._timeout):
+            yield chunk
 
     async def aclose(self) -> None:
-        if self._response.content.at_eof():
-            self._response.release()  # read to the end: the connection is reused
-        else:
-            self._response.close()
+        if not self._released:
+            self._released = True
+            self._connection.release()
 
 
-class AiohttpTransport(httpx2.AsyncBaseTransport):
-    """An httpx2 transport over an aiohttp session. A session belongs to the event loop
-    it was made on: a process serves from one loop, and a call from another loop (a test
-    server started again) gets a new session."""
+class Http11Transport(httpx2.AsyncBaseTransport):
+    """An httpx2 transport over keep-alive HTTP/1.1 connections of its own. Connections
+    belong to the event loop they were opened on: a process serves from one loop, and a
+    call from another loop (a test server started again) starts a new pool."""
 
     def __init__(self, *, max_connections: int = 2000, keepalive_seconds: float = 5.0) -> None:
         self._max_connections = max_connections
@@ -85,61 +355,48 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         self._ssl = httpx2.create_ssl_context()
         self._proxies = urllib.request.getproxies_environment()
         self._proxy_for: dict[tuple[str, str], str | None] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def _session_here(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        if self._session is None or self._loop is not loop or self._session.closed:
-            self.forget()
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                limit_per_host=0,
-                keepalive_timeout=self._keepalive_seconds,
-                ssl=self._ssl,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None),
-                auto_decompress=False,  # httpx2 decodes, as it does over its own transport
-                trust_env=False,  # proxies are read once, in __init__ (per request: 0.4 ms)
-                cookie_jar=aiohttp.DummyCookieJar(),
-                # httpx2 already set what it wants of these; aiohttp adds nothing.
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            )
-            self._loop = loop
-        return self._session
+        self._httpx: dict[str | None, httpx2.AsyncHTTPTransport] = {}
+        self._pool: _Pool | None = None
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        session = self._session_here()
+        url = request.url
+        proxy = self._proxy(url)
+        if proxy is not None or request.method == "HEAD":
+            return await self._httpx_transport(proxy).handle_async_request(request)
+        if url.scheme not in ("http", "https"):
+            message = f"the upstream URL must be http or https, not {url.scheme!r}"
+            raise httpx2.UnsupportedProtocol(message, request=request)
         try:
             body = request.content
         except httpx2.RequestNotRead:
             body = await request.aread()
-        headers = [
-            (name, value)
-            for name, value in request.headers.multi_items()
-            if name.lower() not in _NOT_FORWARDED
-        ]
-        with _as_httpx_errors(request):
-            response = await session.request(
-                request.method,
-                str(request.url),
-                headers=headers,
-                data=body or None,
-                proxy=self._proxy(request.url),
-                allow_redirects=False,
-                timeout=_timeout(request.extensions.get("timeout") or {}),
-            )
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        wire = _head(request, len(body)) + body
+        timeout = request.extensions.get("timeout") or {}
+        connection = await self._pool_here().connection(origin, request, timeout)
+        try:
+            await connection.send(wire, request, timeout.get("read"))
+        except BaseException:
+            connection.close()
+            raise
         return httpx2.Response(
-            status_code=response.status,
-            headers=list(response.raw_headers),
-            stream=_ResponseStream(response, request),
-            extensions={
-                "http_version": b"HTTP/1.1",
-                "reason_phrase": (response.reason or "").encode("ascii", "replace"),
-            },
+            status_code=connection.status,
+            headers=connection.headers,
+            stream=_ResponseStream(connection, request, timeout.get("read")),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": connection.reason},
         )
+
+    def _pool_here(self) -> _Pool:
+        loop = asyncio.get_running_loop()
+        if self._pool is None or self._pool.loop is not loop:
+            self.forget()
+            self._pool = _Pool(
+                loop,
+                limit=self._max_connections,
+                keepalive_seconds=self._keepalive_seconds,
+                ssl=self._ssl,
+            )
+        return self._pool
 
     def _proxy(self, url: httpx2.URL) -> str | None:
         """The proxy HTTP(S)_PROXY or ALL_PROXY name for this URL, unless NO_PROXY
@@ -152,30 +409,50 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
             self._proxy_for[key] = proxy
         return self._proxy_for[key]
 
+    def _httpx_transport(self, proxy: str | None) -> httpx2.AsyncHTTPTransport:
+        """httpx2's own transport, through `proxy` if one is named."""
+        if proxy not in self._httpx:
+            self._httpx[proxy] = httpx2.AsyncHTTPTransport(
+                verify=self._ssl,
+                proxy=proxy,
+                limits=httpx2.Limits(max_connections=self._max_connections),
+            )
+        return self._httpx[proxy]
+
     async def aclose(self) -> None:
-        session, self._session, self._loop = self._session, None, None
-        if session is not None and not session.closed:
-            await session.close()
+        others = list(self._httpx.values())
+        self.forget()
+        for transport in others:
+            await transport.aclose()
 
     def forget(self) -> None:
-        """Let go of the session without awaiting: closed on its own loop if that loop
-        still runs (in another thread), dropped with its loop otherwise."""
-        session, loop = self._session, self._loop
-        self._session = self._loop = None
-        if session is None or session.closed or loop is None:
+        """Let go of the connections without awaiting: closed on their own loop if it
+        still runs (in another thread, or this one), dropped with it otherwise."""
+        pool, self._pool, self._httpx = self._pool, None, {}
+        if pool is None or not pool.open or pool.loop.is_closed():
             return
-        if loop.is_running() and not _is_current(loop):
-            asyncio.run_coroutine_threadsafe(session.close(), loop)
-        elif loop.is_running():
-            loop.create_task(session.close())
+        if pool.loop.is_running() and not _is_current(pool.loop):
+            pool.loop.call_soon_threadsafe(pool.close)
         else:
-            # Its loop is gone, and its sockets can no longer be closed through it.
-            # aiohttp's own synchronous close marks the pool closed (no warning when
-            # it is collected) and stops there when the loop is closed.
-            connector = session.connector
-            session.detach()
-            if connector is not None:
-                connector._close()
+            pool.close()
+
+
+def _head(request: httpx2.Request, length: int) -> bytes:
+    """The request line and headers, as they go on the wire."""
+    url = request.url
+    parts = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\nHost: "]
+    parts += (url.netloc, b"\r\n")
+    for name, value in request.headers.raw:
+        if name.lower() in _NOT_FORWARDED:
+            continue
+        if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
+            message = f"a line break in the value of the header {name!r}"
+            raise httpx2.LocalProtocolError(message, request=request)
+        parts += (name, b": ", value, b"\r\n")
+    if length or request.method in ("POST", "PUT", "PATCH"):
+        parts += (b"Content-Length: ", b"%d" % length, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def _is_current(loop: asyncio.AbstractEventLoop) -> bool:
@@ -183,15 +460,6 @@ def _is_current(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
-
-
-def _timeout(timeout: dict) -> aiohttp.ClientTimeout:
-    """httpx2's per-request timeouts (connect, read, write, pool; None is no limit)."""
-    connect, pool = timeout.get("connect"), timeout.get("pool")
-    waiting = None if connect is None or pool is None else connect + pool
-    return aiohttp.ClientTimeout(
-        total=None, connect=waiting, sock_connect=connect, sock_read=timeout.get("read")
-    )
 
 
 class DirectAsyncClient(httpx2.AsyncClient):

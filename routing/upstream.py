@@ -23,7 +23,7 @@ import httpx2
 from django.conf import settings
 from mistralai.client import Mistral
 
-from .transport import AiohttpTransport, DirectAsyncClient, last_response
+from .transport import DirectAsyncClient, Http11Transport, last_response
 
 EXTRA_FIELDS_HEADER = "x-governance-extra-fields"
 SDK_FIELDS = frozenset(
@@ -197,7 +197,7 @@ def _skip_sdk_iterable_coercion() -> None:
 _skip_sdk_iterable_coercion()
 
 _client: Mistral | None = None
-_transport: AiohttpTransport | None = None
+_transport: Http11Transport | None = None
 _client_lock = threading.Lock()
 
 
@@ -206,7 +206,7 @@ def client() -> Mistral:
     global _client, _transport
     with _client_lock:
         if _client is None:
-            _transport = AiohttpTransport(max_connections=2000)
+            _transport = Http11Transport(max_connections=2000)
             _client = Mistral(
                 api_key=settings.MISTRAL_API_KEY or "simulated",
                 server_url=settings.MISTRAL_SERVER_URL,
@@ -218,7 +218,7 @@ def client() -> Mistral:
         return _client
 
 
-def _take_transport() -> AiohttpTransport | None:
+def _take_transport() -> Http11Transport | None:
     """Forget the client; the next call makes a new one. Returns the old transport."""
     global _client, _transport
     with _client_lock:

@@ -1,6 +1,7 @@
-"""The aiohttp transport under the SDK: bytes in and out as httpx2's own transport moves
-them, and every failure as the httpx2 error the gateway's fallback logic expects.
-Against real sockets on loopback: the simulator, and small servers that misbehave."""
+"""The HTTP/1.1 transport under the SDK: bytes in and out as httpx2's own transport moves
+them, connections kept alive only while they can be, and every failure as the httpx2
+error the gateway's fallback logic expects. Against real sockets on loopback: the
+simulator, and small servers that misbehave."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import httpx2
 import pytest
 
 from routing.simulator import running_simulator
-from routing.transport import AiohttpTransport, DirectAsyncClient, last_response
+from routing.transport import PAUSE_BYTES, DirectAsyncClient, Http11Transport, last_response
 
 CHAT = {"model": "ministral-3b-latest", "messages": [{"role": "user", "content": "hi"}]}
 KEY = {"Authorization": "Bearer simulated"}
@@ -85,14 +86,14 @@ async def request_from(handle, method="GET", **client_options) -> httpx2.Respons
     """One request to a RawServer running `handle`, through a new transport."""
     async with (
         RawServer(handle) as server,
-        httpx2.AsyncClient(transport=AiohttpTransport(), **client_options) as client,
+        httpx2.AsyncClient(transport=Http11Transport(), **client_options) as client,
     ):
         return await client.request(method, server.url, content=b"{}")
 
 
 def test_a_chat_call_through_the_transport_is_what_the_simulator_answered():
     async def main(url):
-        transport = AiohttpTransport()
+        transport = Http11Transport()
         async with httpx2.AsyncClient(transport=transport) as client:
             first = await client.post(f"{url}/v1/chat/completions", json=CHAT, headers=KEY)
             second = await client.post(f"{url}/v1/chat/completions", json=CHAT, headers=KEY)
@@ -112,7 +113,7 @@ def test_connections_are_kept_alive_and_headers_and_body_arrive_unchanged():
     async def main():
         async with (
             RawServer(answering(seen, times=2)) as server,
-            httpx2.AsyncClient(transport=AiohttpTransport()) as client,
+            httpx2.AsyncClient(transport=Http11Transport()) as client,
         ):
             for n in range(2):
                 reply = await client.post(
@@ -146,7 +147,7 @@ def test_a_refused_connection_is_a_connect_error():
         port = server.sockets[0].getsockname()[1]
         server.close()
         await server.wait_closed()
-        async with httpx2.AsyncClient(transport=AiohttpTransport()) as client:
+        async with httpx2.AsyncClient(transport=Http11Transport()) as client:
             await client.get(f"http://127.0.0.1:{port}/")
 
     with pytest.raises(httpx2.ConnectError):
@@ -195,7 +196,7 @@ def test_a_stream_closed_early_closes_the_upstream_connection():
     async def main():
         async with (
             RawServer(handle) as server,
-            httpx2.AsyncClient(transport=AiohttpTransport()) as client,
+            httpx2.AsyncClient(transport=Http11Transport()) as client,
         ):
             async with client.stream("GET", server.url) as reply:
                 async for chunk in reply.aiter_bytes():
@@ -210,16 +211,16 @@ def test_a_stream_closed_early_closes_the_upstream_connection():
 def test_proxies_come_from_the_environment_once(monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
-    transport = AiohttpTransport()
+    transport = Http11Transport()
     monkeypatch.delenv("HTTPS_PROXY")
     assert transport._proxy(httpx2.URL("https://api.mistral.ai/v1")) == "http://proxy.internal:3128"
     assert transport._proxy(httpx2.URL("http://127.0.0.1:8900/v1")) is None
     assert transport._proxy(httpx2.URL("http://localhost:8900/v1")) is None
 
 
-def test_a_transport_used_from_a_new_event_loop_lets_the_old_session_go_quietly():
+def test_a_transport_used_from_a_new_event_loop_starts_a_new_pool():
     """Tests (and a server started again) run calls on more than one loop."""
-    transport = AiohttpTransport()
+    transport = Http11Transport()
 
     client = httpx2.AsyncClient(transport=transport)  # never closed: its loop ends first
 
@@ -233,6 +234,213 @@ def test_a_transport_used_from_a_new_event_loop_lets_the_old_session_go_quietly(
         run(transport.aclose())
 
 
+def test_a_body_without_length_or_chunks_runs_until_the_upstream_closes():
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\npart one, ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"part two")
+        await writer.drain()
+        writer.close()
+
+    reply = run(request_from(handle))
+    assert reply.status_code == 200 and reply.content == b"part one, part two"
+
+
+def test_the_status_line_headers_and_reason_arrive_as_sent():
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(response(b'{"message": "no"}', "x-request-id: r1", "x-request-id: r2",
+                              status="429 Too Many Requests"))  # fmt: skip
+        await writer.drain()
+
+    reply = run(request_from(handle, "POST"))
+    assert reply.status_code == 429 and reply.reason_phrase == "Too Many Requests"
+    assert reply.headers.get_list("x-request-id") == ["r1", "r2"]
+    assert reply.json() == {"message": "no"}
+
+
+def test_a_connection_the_upstream_closed_while_idle_is_not_used_again():
+    seen = []
+
+    async def handle(reader, writer):
+        seen.append(await read_request(reader))
+        writer.write(response(b"{}"))
+        await writer.drain()
+        writer.close()  # the upstream's keep-alive ran out
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=Http11Transport()) as client,
+        ):
+            first = await client.post(server.url, content=b"{}")
+            await asyncio.sleep(0.05)
+            second = await client.post(server.url, content=b"{}")
+            return first.status_code, second.status_code, server.connections
+
+    assert run(main()) == (200, 200, 2)
+
+
+def test_connection_close_or_an_expired_keep_alive_opens_a_new_connection():
+    async def close_after(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(response(b"{}", "connection: close"))
+            await writer.drain()
+
+    async def calls(handle, **options):
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=Http11Transport(**options)) as client,
+        ):
+            for _ in range(3):
+                assert (await client.post(server.url, content=b"{}")).status_code == 200
+            return server.connections
+
+    assert run(calls(close_after)) == 3
+    assert run(calls(answering([], times=3))) == 1
+    assert run(calls(answering([], times=3), keepalive_seconds=0)) == 3
+
+
+def test_a_pool_at_its_limit_makes_the_next_call_wait_then_time_out():
+    async def slow(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await asyncio.sleep(5)
+
+    async def main():
+        transport = Http11Transport(max_connections=1)
+        async with (
+            RawServer(slow) as server,
+            httpx2.AsyncClient(transport=transport, timeout=httpx2.Timeout(5, pool=0.2)) as client,
+        ):
+            async with client.stream("GET", server.url):  # holds the only connection
+                with pytest.raises(httpx2.PoolTimeout):
+                    await client.get(server.url)
+            return len(transport._pool_here().open)
+
+    assert run(main()) == 0  # the stream left early: its connection was closed
+
+
+def test_a_call_waiting_for_room_gets_the_connection_given_back():
+    seen = []
+
+    async def main():
+        transport = Http11Transport(max_connections=1)
+        async with (
+            RawServer(answering(seen, times=5)) as server,
+            httpx2.AsyncClient(transport=transport) as client,
+        ):
+            replies = await asyncio.gather(
+                *(client.post(server.url, content=b"{}") for _ in range(5))
+            )
+            return [r.status_code for r in replies], server.connections
+
+    assert run(main()) == ([200] * 5, 1)
+
+
+def test_a_call_that_gives_up_waiting_for_room_leaves_the_turn_to_the_next():
+    seen = []
+
+    async def main():
+        transport = Http11Transport(max_connections=1)
+        async with (
+            RawServer(answering(seen, times=2)) as server,
+            httpx2.AsyncClient(transport=transport) as client,
+        ):
+            first = await client.send(client.build_request("POST", server.url), stream=True)
+            given_up = asyncio.create_task(client.post(server.url, content=b"{}"))
+            waiting = asyncio.create_task(client.post(server.url, content=b"{}"))
+            await asyncio.sleep(0.05)
+            given_up.cancel()
+            await first.aread()  # the connection comes back to the pool
+            await first.aclose()
+            reply = await asyncio.wait_for(waiting, timeout=2)
+            return given_up.cancelled(), reply.status_code, server.connections
+
+    assert run(main()) == (True, 200, 1)
+
+
+def test_a_large_streamed_body_arrives_whole_while_its_reader_lags():
+    """Reading from the upstream pauses while more than PAUSE_BYTES wait to be read,
+    and resumes as the caller catches up."""
+    payload = bytes(range(256)) * (3 * PAUSE_BYTES // 256)
+
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(response(payload))
+        await writer.drain()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=Http11Transport()) as client,
+        ):
+            received = bytearray()
+            async with client.stream("GET", server.url) as reply:
+                async for chunk in reply.aiter_raw():
+                    received += chunk
+                    await asyncio.sleep(0.001)
+            return bytes(received)
+
+    assert run(main()) == payload
+
+
+def test_an_interim_response_is_a_protocol_error():
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + response(b"{}"))
+        await writer.drain()
+
+    with pytest.raises(httpx2.RemoteProtocolError):
+        run(request_from(handle))
+
+
+def test_a_line_break_in_a_header_is_refused_before_anything_is_sent():
+    seen = []
+
+    async def main():
+        async with RawServer(answering(seen)) as server:
+            request = httpx2.Request(
+                "POST", server.url, headers=[(b"x-tag", b"a\r\nx-evil: 1")], content=b"{}"
+            )
+            await Http11Transport().handle_async_request(request)
+
+    with pytest.raises(httpx2.LocalProtocolError):
+        run(main())
+    assert seen == []
+
+
+def test_a_url_behind_a_proxy_goes_through_the_proxy(monkeypatch):
+    seen = []
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")  # replaced below
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    async def main():
+        async with RawServer(answering(seen)) as proxy:
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            transport = Http11Transport()
+            async with httpx2.AsyncClient(transport=transport) as client:
+                reply = await client.post("http://api.mistral.invalid/v1/x", content=b"{}")
+                return reply.json()
+
+    assert run(main()) == {"ok": True}
+    assert seen[0].startswith(b"POST http://api.mistral.invalid/v1/x HTTP/1.1")
+
+
+def test_a_head_request_goes_through_httpx2s_own_transport():
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")  # no body: HEAD
+        await writer.drain()
+
+    reply = run(request_from(handle, "HEAD"))
+    assert reply.status_code == 200 and reply.content == b""
+
+
 # --- The SDK's client ---------------------------------------------------------------
 
 
@@ -244,7 +452,7 @@ def test_the_direct_client_sends_what_httpx2s_client_would():
     async def main():
         async with RawServer(answering(seen, times=2)) as server:
             for client_class in (httpx2.AsyncClient, DirectAsyncClient):
-                async with client_class(transport=AiohttpTransport(), timeout=None) as client:
+                async with client_class(transport=Http11Transport(), timeout=None) as client:
                     request = client.build_request(
                         "POST", f"{server.url}/v1/x", content=b"{}", headers={"X-Tag": "t"},
                         params={}, timeout=7,
@@ -265,7 +473,7 @@ def test_the_direct_client_leaves_everything_else_to_httpx2():
     async def main():
         async with (
             RawServer(answering(seen, body=b"{}")) as server,
-            DirectAsyncClient(transport=AiohttpTransport()) as client,
+            DirectAsyncClient(transport=Http11Transport()) as client,
         ):
             await client.post(f"{server.url}/v1/x", json={"a": 1}, params={"n": "2"})
 
@@ -287,7 +495,7 @@ def test_each_task_sees_the_response_it_was_sent():
     async def main():
         async with (
             RawServer(handle) as server,
-            DirectAsyncClient(transport=AiohttpTransport()) as client,
+            DirectAsyncClient(transport=Http11Transport()) as client,
         ):
 
             async def call(tag):
