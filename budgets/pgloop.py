@@ -58,6 +58,9 @@ class LoopConnection:
         self.fd = self._pgconn.socket
         self._prepared: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
         self.opened = time.monotonic()
+        # One statement at a time: one adaptation context, whose dumpers and loaders
+        # stay cached from one statement to the next (as a psycopg cursor's do).
+        self._transformer = Transformer(self._cursor)
         self.in_flight: Transformer | None = None  # a statement sent, its rows not read
         self._received: list[pq.abc.PGresult] = []
 
@@ -76,7 +79,7 @@ class LoopConnection:
         use. `sent` is called once the statement is on its way. Cancelled once it was
         sent, the statement stays `in_flight`: its answer is still to come (finish)."""
         with self.wrapper.wrap_database_errors:
-            transformer = Transformer(self._cursor)
+            transformer = self._transformer
             converted = PostgresQuery(transformer)
             converted.convert(query, params)
             signature = (converted.query, tuple(converted.types or ()))
