@@ -19,9 +19,13 @@ What it keeps from httpx2's own transport: TLS verified against the same certifi
 (connect, read and pool), no redirects followed, bodies passed through undecoded. A URL
 that a proxy from HTTP(S)_PROXY, ALL_PROXY and NO_PROXY (read when the transport is
 made) applies to, and a HEAD request, go through httpx2's own transport. What it does
-not do: HTTP/2 (the SDK does not ask for it either), write timeouts (request bodies are
-small and the gateway refuses large ones), and interim 1xx responses (Mistral sends
-none; one is a protocol error here).
+not do: HTTP/2 (the SDK does not ask for it either) and write timeouts (request bodies
+are small and the gateway refuses large ones).
+
+A connection answers one request at a time and is reused only when its response was
+whole and nothing else came: a byte the upstream sends unasked, a second response in
+the same packet, or a close the loop has not yet read (checked before each reuse)
+closes it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import re
+import select
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -39,6 +45,10 @@ import httpx2
 
 # Written here from the URL and body, or meaningless per hop.
 _NOT_FORWARDED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
+# RFC 9110: a method and a field name are tokens; a field value has no control
+# characters but tab.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # A streamed body the caller has not read yet: reading from the upstream stops past this
 # many bytes, and starts again below half of it.
 PAUSE_BYTES = 1 << 20
@@ -60,8 +70,11 @@ class _Connection(asyncio.Protocol):
         """Ready for the next response."""
         self.status = 0
         self.reason = b""
+        self.http_version = b"HTTP/1.1"
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
+        self._asked = False  # a request was sent: bytes may come
+        self._begun = False  # a (final) response began
         self._head_done = False
         self._keep_alive = False
         self._body: collections.deque[bytes] = collections.deque()
@@ -76,7 +89,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if self._error is not None or self.complete:
+        if not self._asked or self.complete or self._error is not None:
             self._fail(httpx2.RemoteProtocolError("the upstream sent bytes nobody asked for"))
             return
         try:
@@ -93,18 +106,28 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended(exc)
 
-    # httptools' side
+    # httptools' side (llhttp goes on parsing past a message's end, so a second
+    # message in the same packet would land in the first: it is refused)
+
+    def on_message_begin(self) -> None:
+        if self._begun:
+            raise httptools.HttpParserError("a second response to one request")
 
     def on_status(self, reason: bytes) -> None:
+        self._begun = True
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self._head_done:  # after the head: a chunked body's trailers, dropped
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
-        if self.status < 200:
-            raise httptools.HttpParserError(f"an interim {self.status} response")
+        status = self._parser.get_status_code()
+        if status < 200:  # interim (100 Continue, 103 Early Hints): the final one follows
+            self.reason, self.headers = b"", []
+            return
+        self.status = status
+        self.http_version = b"HTTP/" + self._parser.get_http_version().encode("ascii")
         self._keep_alive = self._parser.should_keep_alive()
         self._head_done = True
         self._wake()
@@ -118,6 +141,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if not self._head_done:  # the end of an interim response
+            self._begun = False
+            return
         self.complete = True
         self._wake()
 
@@ -125,6 +151,7 @@ class _Connection(asyncio.Protocol):
 
     async def send(self, wire: bytes, request: httpx2.Request, timeout: float | None) -> None:
         """Write the request; return once the response's status and headers are in."""
+        self._asked = True
         self.transport.write(wire)
         while not self._head_done:
             if self._error is not None:
@@ -151,10 +178,24 @@ class _Connection(asyncio.Protocol):
         """The caller is done with the response: the connection goes back to the pool
         if the response was read to its end and the upstream keeps it open."""
         if self.complete and self._keep_alive and not self.closed:
+            if self._paused:  # read whole, but not by the caller
+                self.transport.resume_reading()
             self._start()
             self.pool.put_back(self)
         else:
             self.close()
+
+    def looks_closed(self) -> bool:
+        """Whether the upstream closed this idle connection, or sent on it unasked, in
+        a way the loop has not read yet: then its socket is readable."""
+        if self.closed:
+            return True
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        poll = select.poll()
+        poll.register(sock.fileno(), select.POLLIN)
+        return bool(poll.poll(0))
 
     def close(self) -> None:
         if not self.closed:
@@ -193,12 +234,15 @@ class _Connection(asyncio.Protocol):
         if more of the response was to come."""
         self.closed = True
         self.pool.discard(self)
-        if self._head_done and not self.complete and self._error is None and self._to_close():
-            self.complete = True
-        elif not self.complete and self._error is None:
-            cause = f": {exc}" if exc else ""
+        if self.complete or self._error is not None:
+            pass
+        elif exc is None and self._head_done and self._to_close():
+            self.complete = True  # the body ran until this clean close
+        elif exc is not None:
+            self._error = httpx2.ReadError(f"the connection to the upstream failed: {exc}")
+        else:
             self._error = httpx2.RemoteProtocolError(
-                f"the upstream closed the connection before the whole response{cause}"
+                "the upstream closed the connection before the whole response"
             )
         self._wake()
 
@@ -225,30 +269,35 @@ def _about(error: httpx2.TransportError, request: httpx2.Request) -> httpx2.Tran
 
 class _Pool:
     """The connections of one event loop, idle ones by origin (the last used first),
-    at most `limit` open at once."""
+    at most `limit` open at once. Callers that find no room wait in turn: a new caller
+    queues behind the waiting ones, and a waiter woken keeps its place until it runs."""
 
     def __init__(self, loop, *, limit: int, keepalive_seconds: float, ssl) -> None:
         self.loop, self.limit, self.ssl = loop, limit, ssl
         self.keepalive_seconds = keepalive_seconds
         self.open: set[_Connection] = set()
+        self.closed = False
         self._idle: dict[tuple, list[_Connection]] = {}
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
 
     async def connection(self, origin: tuple, request, timeout: dict) -> _Connection:
-        """An idle connection to `origin`, or a new one once there is room for it."""
+        """An idle connection to `origin`, or a new one once there is room for it,
+        within the pool timeout (counted once, from now)."""
+        seconds = timeout.get("pool")
+        deadline = None if seconds is None else self.loop.time() + seconds
+        if self._waiting:  # others were first
+            await self._room(request, deadline, seconds, first=False)
         while True:
-            idle = self._idle.get(origin)
-            now = time.monotonic()
-            while idle:
-                connection = idle.pop()
-                if not connection.closed and now - connection.idle_since < self.keepalive_seconds:
-                    return connection
-                connection.close()
+            if self.closed:
+                raise httpx2.ConnectError("the upstream client was closed", request=request)
+            connection = self._idle_one(origin)
+            if connection is not None:
+                return connection
             if len(self.open) >= self.limit:
                 self._close_an_idle_one()  # kept for another origin
             if len(self.open) < self.limit:
                 break
-            await self._room(request, timeout.get("pool"))
+            await self._room(request, deadline, seconds, first=True)
         connection = _Connection(self, origin)
         self.open.add(connection)
         try:
@@ -257,6 +306,17 @@ class _Pool:
             connection.close()
             raise
         return connection
+
+    def _idle_one(self, origin: tuple) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            fresh = now - connection.idle_since < self.keepalive_seconds
+            if fresh and not connection.looks_closed():
+                return connection
+            connection.close()
+        return None
 
     async def _connect(self, connection: _Connection, request, seconds: float | None) -> None:
         scheme, host, port = connection.origin
@@ -277,12 +337,17 @@ class _Pool:
             message = f"connecting to {host}:{port} failed: {exc}"
             raise httpx2.ConnectError(message, request=request) from exc
 
-    async def _room(self, request, seconds: float | None) -> None:
+    async def _room(self, request, deadline, seconds, *, first: bool) -> None:
+        """Wait for a connection to come back or close (`first`: at the head of the
+        queue, as a caller woken already)."""
         room = self.loop.create_future()
-        self._waiting.append(room)
+        if first:
+            self._waiting.appendleft(room)
+        else:
+            self._waiting.append(room)
         woken = False
         try:
-            async with asyncio.timeout(seconds):
+            async with asyncio.timeout_at(deadline):
                 await room
             woken = True
         except TimeoutError as exc:
@@ -308,9 +373,8 @@ class _Pool:
             self._make_room()
 
     def _make_room(self) -> None:
-        """Wake the first caller waiting for a connection: one came back, or closed."""
-        while self._waiting:
-            room = self._waiting.popleft()
+        """Wake the first caller still waiting: a connection came back, or closed."""
+        for room in self._waiting:
             if not room.done():
                 room.set_result(None)
                 return
@@ -322,8 +386,12 @@ class _Pool:
                 return
 
     def close(self) -> None:
+        self.closed = True
         for connection in list(self.open):
             connection.close()
+        for room in self._waiting:  # they find the pool closed
+            if not room.done():
+                room.set_result(None)
 
 
 class _ResponseStream(httpx2.AsyncByteStream):
@@ -370,7 +438,8 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             body = request.content
         except httpx2.RequestNotRead:
             body = await request.aread()
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        host = url.raw_host.decode("ascii")  # an international name as IDNA encodes it
+        origin = (url.scheme, host, url.port or (443 if url.scheme == "https" else 80))
         wire = _head(request, len(body)) + body
         timeout = request.extensions.get("timeout") or {}
         connection = await self._pool_here().connection(origin, request, timeout)
@@ -383,7 +452,10 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             status_code=connection.status,
             headers=connection.headers,
             stream=_ResponseStream(connection, request, timeout.get("read")),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": connection.reason},
+            extensions={
+                "http_version": connection.http_version,
+                "reason_phrase": connection.reason,
+            },
         )
 
     def _pool_here(self) -> _Pool:
@@ -438,18 +510,22 @@ class Http11Transport(httpx2.AsyncBaseTransport):
 
 
 def _head(request: httpx2.Request, length: int) -> bytes:
-    """The request line and headers, as they go on the wire."""
-    url = request.url
-    parts = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\nHost: "]
-    parts += (url.netloc, b"\r\n")
+    """The request line and headers, as they go on the wire; a method, header name or
+    value that could not go there unchanged is refused (as h11 does)."""
+    method, url = request.method.encode("ascii"), request.url
+    if not _TOKEN.fullmatch(method):
+        raise httpx2.LocalProtocolError(f"not a method: {method!r}", request=request)
+    host = request.headers.get("host", "").encode("ascii") or url.netloc
+    parts = [method, b" ", url.raw_path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     for name, value in request.headers.raw:
-        if name.lower() in _NOT_FORWARDED:
-            continue
-        if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
-            message = f"a line break in the value of the header {name!r}"
+        if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
+            message = f"the header {name!r} cannot be sent as it is"
             raise httpx2.LocalProtocolError(message, request=request)
-        parts += (name, b": ", value, b"\r\n")
-    if length or request.method in ("POST", "PUT", "PATCH"):
+        if name.lower() not in _NOT_FORWARDED:
+            parts += (name, b": ", value, b"\r\n")
+    if _CONTROL.search(host) or b" " in url.raw_path:
+        raise httpx2.LocalProtocolError("the URL cannot be sent as it is", request=request)
+    if length or method in (b"POST", b"PUT", b"PATCH"):
         parts += (b"Content-Length: ", b"%d" % length, b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)

@@ -388,29 +388,242 @@ def test_a_large_streamed_body_arrives_whole_while_its_reader_lags():
     assert run(main()) == payload
 
 
-def test_an_interim_response_is_a_protocol_error():
+def test_an_interim_response_is_skipped_for_the_final_one():
     async def handle(reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + response(b"{}"))
+        interim = b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+        writer.write(interim + response(b'{"ok": 1}', "x-final: yes"))
         await writer.drain()
 
-    with pytest.raises(httpx2.RemoteProtocolError):
+    reply = run(request_from(handle))
+    assert reply.status_code == 200 and reply.json() == {"ok": 1}
+    assert "link" not in reply.headers and reply.headers["x-final"] == "yes"
+
+
+# --- A connection is reused only when nothing could mix two answers (review of 0a915b3)
+
+
+def test_bytes_the_upstream_sends_while_a_connection_is_idle_never_answer_the_next_call():
+    answers = iter([1, 2])
+
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(response(b'{"answer": %d}' % next(answers)))
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(response(b'{"stale": true}', status="500 Internal Server Error"))
+        await writer.drain()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=Http11Transport()) as client,
+        ):
+            first = await client.post(server.url, content=b"{}")
+            await asyncio.sleep(0.1)  # the stale answer arrives while idle
+            second = await client.post(server.url, content=b"{}")
+            return first.json(), second.status_code, second.json(), server.connections
+
+    assert run(main()) == ({"answer": 1}, 200, {"answer": 2}, 2)
+
+
+def test_a_second_response_in_the_same_packet_is_not_merged_into_the_first():
+    async def handle(reader, writer):
+        await read_request(reader)
+        extra = response(b'{"error": "extra"}', "x-tag: second", status="503 Unavailable")
+        writer.write(response(b'{"answer": 1}', "x-tag: first") + extra)
+        await writer.drain()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=Http11Transport()) as client,
+        ):
+            reply = await client.post(server.url, content=b"{}")
+            return reply.status_code, reply.headers.get_list("x-tag"), reply.content
+
+    assert run(main()) == (200, ["first"], b'{"answer": 1}')
+
+
+def test_a_chunked_bodys_trailers_are_not_headers():
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked"
+            b"\r\ntrailer: x-cost\r\n\r\n4\r\n{}  \r\n0\r\nx-cost: 42\r\n"
+            b"content-type: text/html\r\n\r\n"
+        )
+        await writer.drain()
+
+    reply = run(request_from(handle))
+    assert reply.headers["content-type"] == "application/json" and "x-cost" not in reply.headers
+
+
+def test_a_body_closed_unread_past_the_pause_leaves_a_connection_that_reads_again():
+    big = b"x" * (PAUSE_BYTES + 1)  # its last bytes arrive as reading pauses
+
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(response(big))
+        await writer.drain()
+        await read_request(reader)
+        writer.write(response(b'{"ok": true}'))
+        await writer.drain()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=Http11Transport(), timeout=2) as client,
+        ):
+            async with client.stream("GET", server.url):
+                await asyncio.sleep(0.3)  # all in, none read: the caller went away
+            return (await client.post(server.url, content=b"{}")).json(), server.connections
+
+    assert run(main()) == ({"ok": True}, 1)
+
+
+def test_an_idle_connection_closed_before_the_loop_read_it_is_not_reused():
+    """The upstream's keep-alive ran out while the loop was busy: its close is in the
+    socket, not yet read, when the next call takes the connection."""
+    import queue
+    import threading
+    import time
+
+    urls = queue.Queue()
+
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(response(b"{}"))
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.close()  # its keep-alive ran out
+
+    def upstream():
+        async def main():
+            async with RawServer(handle) as server:
+                urls.put(server.url)
+                await asyncio.sleep(5)
+
+        asyncio.run(main())
+
+    threading.Thread(target=upstream, daemon=True).start()
+    url = urls.get(timeout=5)
+
+    async def main():
+        async with httpx2.AsyncClient(transport=Http11Transport()) as client:
+            await client.post(url, content=b"{}")
+            time.sleep(0.1)  # the loop is busy; the upstream closes meanwhile
+            return (await client.post(url, content=b"{}", timeout=2)).status_code
+
+    assert run(main()) == 200
+
+
+def test_a_connection_reset_in_a_body_without_length_is_an_error_not_an_answer():
+    async def handle(reader, writer):
+        import socket
+        import struct
+
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + b'{"choices": [{"message": "the ans')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST
+
+    with pytest.raises(httpx2.ReadError):
         run(request_from(handle))
 
 
-def test_a_line_break_in_a_header_is_refused_before_anything_is_sent():
+def test_the_pool_timeout_counts_from_the_call_and_waiters_go_in_turn():
+    """A caller that sends again right after its answer does not starve a waiter."""
+
+    async def handle(reader, writer):
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.02)
+            writer.write(response(b"{}"))
+            await writer.drain()
+
+    async def main():
+        async with (
+            RawServer(handle) as server,
+            httpx2.AsyncClient(transport=Http11Transport(max_connections=1)) as client,
+        ):
+            stop, hog_calls = False, 0
+
+            async def hog():
+                nonlocal hog_calls
+                while not stop:
+                    await client.post(server.url, content=b"{}")
+                    hog_calls += 1
+
+            hogging = asyncio.create_task(hog())
+            await asyncio.sleep(0.01)
+            waiting = client.post(server.url, content=b"{}", timeout=httpx2.Timeout(5, pool=1))
+            reply = await asyncio.wait_for(waiting, timeout=3)
+            stop = True
+            await hogging
+            return reply.status_code, hog_calls
+
+    status, hog_calls = run(main())
+    assert status == 200 and hog_calls <= 2
+
+
+def test_a_closed_pool_fails_its_waiters_and_new_calls():
+    async def slow(reader, writer):
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def main():
+        transport = Http11Transport(max_connections=1)
+        async with (
+            RawServer(slow) as server,
+            httpx2.AsyncClient(transport=transport, timeout=5) as client,
+        ):
+            busy = asyncio.create_task(client.post(server.url, content=b"{}"))
+            waiting = asyncio.create_task(client.post(server.url, content=b"{}"))
+            await asyncio.sleep(0.05)
+            transport._pool.close()
+            results = await asyncio.gather(busy, waiting, return_exceptions=True)
+            return [type(r) for r in results]
+
+    assert run(main()) == [httpx2.RemoteProtocolError, httpx2.ConnectError]
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [
+        ("GET /admin HTTP/1.1\r\nX:", []),
+        ("POST", [(b"x-a: b\tx-b", b"1")]),
+        ("POST", [(b"transfer-encoding ", b"chunked")]),
+        ("POST", [(b"x-a", b"a\x00b")]),
+        ("POST", [(b"x-a", b"a\r\nx-evil: 1")]),
+    ],
+)
+def test_a_request_that_cannot_go_on_the_wire_unchanged_is_refused(method, headers):
     seen = []
 
     async def main():
         async with RawServer(answering(seen)) as server:
-            request = httpx2.Request(
-                "POST", server.url, headers=[(b"x-tag", b"a\r\nx-evil: 1")], content=b"{}"
-            )
+            request = httpx2.Request(method, server.url, headers=headers, content=b"{}")
             await Http11Transport().handle_async_request(request)
 
     with pytest.raises(httpx2.LocalProtocolError):
         run(main())
     assert seen == []
+
+
+def test_the_requests_own_host_header_is_sent():
+    seen = []
+
+    async def main():
+        async with RawServer(answering(seen)) as server:
+            request = httpx2.Request("POST", server.url, headers={"Host": "api.example"})
+            await (await Http11Transport().handle_async_request(request)).aread()
+
+    run(main())
+    assert b"\r\nHost: api.example\r\n" in seen[0]
 
 
 def test_a_url_behind_a_proxy_goes_through_the_proxy(monkeypatch):
