@@ -111,3 +111,35 @@ def test_a_child_that_ignores_sigterm_is_killed_with_what_it_started(tmp_path):
     else:
         os.kill(pool, signal.SIGKILL)
         raise AssertionError("the child's own process outlived it")
+
+
+def test_what_a_child_left_behind_when_it_ended_is_ended_too(tmp_path):
+    """A child that stops on SIGTERM but leaves a process of its own running (a Celery
+    pool process whose worker died under it) would hold serve's output open."""
+    from governance.management.commands.serve import spawn, stop
+
+    grandchild_pid = tmp_path / "grandchild.pid"
+    leaving = (
+        "import subprocess, sys, time\n"
+        "pool = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(grandchild_pid)!r}, 'w').write(str(pool.pid))\n"
+        "time.sleep(60)\n"
+    )
+    child = spawn([sys.executable, "-c", leaving])
+    deadline = time.monotonic() + 10
+    while not grandchild_pid.exists() or not grandchild_pid.read_text():
+        assert time.monotonic() < deadline, "the child never started its own"
+        time.sleep(0.05)
+    pool = int(grandchild_pid.read_text())
+    stop([child], seconds=5)
+    assert child.returncode == -signal.SIGTERM  # it ended on its own, in time
+    for _ in range(100):
+        if (
+            not Path(f"/proc/{pool}").exists()
+            or "zombie" in Path(f"/proc/{pool}/status").read_text()
+        ):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pool, signal.SIGKILL)
+        raise AssertionError("the child's own process outlived it")

@@ -3,6 +3,7 @@ simulator as its upstream. Child processes (and theirs) are stopped when this co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -126,3 +127,8 @@ def stop(children: list[subprocess.Popen], seconds: float) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+    for child in children:
+        # A child that ended may leave what it started behind (a Celery pool process
+        # whose parent died under it), orphaned in its group: ended with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
