@@ -342,17 +342,18 @@ def _upstream_4xx(exc: MistralError) -> UpstreamError:
     return UpstreamError(exc.status_code, body)
 
 
-async def _next_plan(plan, key, original, user_key, tried: set[str], attempt: int):
-    """After an upstream failure: the next fallback model whose circuit is closed."""
+async def _next_plan(first, key, original, user_key, tried: set[str], attempt: int):
+    """After an upstream failure: the next model of the first plan's fallback chain, in
+    its order, not tried yet and with its circuit closed."""
     needed = gateway.required_capabilities(original)
-    for candidate in get_catalog().fallbacks(plan.model.id, required_capabilities=needed):
+    for candidate in get_catalog().fallbacks(first.model.id, required_capabilities=needed):
         if candidate.id in tried or upstream.breaker.is_open(candidate.id):
             continue
         try:
             return await in_thread(gateway.plan_call)(
                 key,
                 original,
-                request_id=f"{plan.request_id}.{attempt}",
+                request_id=f"{first.request_id}.{attempt}",
                 user_key=user_key,
                 force_model=candidate.id,
             )
@@ -366,7 +367,7 @@ async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=N
     that succeeded and the response (or open stream). The first attempt sends `ready`
     (a PreparedCall) if the plan asks for its arguments."""
     tried: set[str] = set()
-    attempt = 0
+    attempt, first_plan = 0, plan
     while True:
         tried.add(plan.model.id)
         first, ready = ready, None  # a fallback's request is its own
@@ -399,7 +400,7 @@ async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=N
         else:
             await in_thread(gateway.void)(plan)
         attempt += 1
-        plan = await _next_plan(plan, key, original, user_key, tried, attempt)
+        plan = await _next_plan(first_plan, key, original, user_key, tried, attempt)
         if plan is None:
             raise UpstreamUnavailable(
                 "no model answered: the upstream failed and no fallback was available"

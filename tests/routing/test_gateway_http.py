@@ -209,6 +209,24 @@ def test_an_upstream_500_falls_back_to_the_next_model(gateway_url, simulator, ac
     assert served.cost_usd == nanos_to_usd(entry.cost_nanos)
 
 
+def test_fallbacks_follow_the_requested_models_chain_in_order(
+    gateway_url, simulator, acme_key
+):
+    """mistral-small falls back to ministral-8b, then mistral-medium: when ministral-8b
+    fails too, the call goes on along mistral-small's chain, not ministral-8b's."""
+    sim = simulator(fail_models={"mistral-small-latest": 500, "ministral-8b-latest": 500})
+    response = chat(gateway_url, acme_key, model="mistral-small-latest", max_tokens=20)
+    assert response.status_code == 200, response.text
+    chain = [m.id for m in get_catalog().fallbacks("mistral-small")]
+    assert chain[:2] == ["ministral-8b", "mistral-medium"]
+    sent = [get_catalog().resolve(r["body"]["model"]).id for r in upstream_requests(sim)]
+    assert sent == ["mistral-small", "ministral-8b", "mistral-medium"]
+    assert response.headers["X-Governance-Model"] == "mistral-medium"
+    request_ids = sorted(Hold.objects.values_list("request_id", flat=True))
+    base = request_ids[0]
+    assert request_ids == [base, f"{base}.1", f"{base}.2"]  # not nested: .1.2
+
+
 def test_an_upstream_timeout_answers_502_and_charges_nothing(
     gateway_url, simulator, settings, acme, acme_key
 ):
