@@ -476,9 +476,18 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
         try:
             plan = await _plan(key, original, request_id, user_key, ready)
             stream = bool(original.get("stream"))
-            plan, response, started = await _open_upstream(
-                plan, key, original, user_key, stream=stream, ready=ready
+            calling = asyncio.ensure_future(
+                _calling(plan, key, original, user_key, stream=stream, ready=ready)
             )
+            try:
+                plan, response, started, raw = await asyncio.shield(calling)
+                upstream.last_response.set(raw)  # for last_json_body()
+            except asyncio.CancelledError:
+                # The agent went away while the upstream works on its call: the call
+                # goes on and is charged for what it used (_abandoned).
+                _settling_task(_abandoned(calling, ready, stream), request_id)
+                ready = None  # the call owns it now
+                raise
         finally:
             if ready is not None:
                 ready.withdraw()  # unless sent: refused, another plan, the agent gone
@@ -816,6 +825,47 @@ def _streaming_response(plan: gateway.CallPlan, stream, started: float) -> Strea
     for name, value in gateway.governance_headers(plan).items():
         response[name] = value
     return response
+
+
+async def _calling(*args, **kwargs):
+    """_open_upstream, run as a task of its own (the agent hanging up does not cancel
+    it), and the upstream's raw response it read, for the caller's context."""
+    plan, response, started = await _open_upstream(*args, **kwargs)
+    return plan, response, started, upstream.last_response.get()
+
+
+async def _abandoned(calling: asyncio.Future, ready, stream: bool) -> None:
+    """A call whose agent hung up while the upstream had it: the upstream may already
+    be generating (and billing) its answer, so it is charged for what it used, as
+    though the agent were still there. A plain call is waited for and captured from its
+    usage; a stream is closed as soon as it opens and charged for its prompt. A call
+    the upstream failed was voided on the way (_open_upstream)."""
+    try:
+        plan, response, started, _ = await calling
+    except (GovernanceError, UpstreamError) as exc:
+        log.info("a call whose agent left failed upstream (its holds voided): %s", exc)
+        return
+    except Exception:
+        log.exception("a call whose agent left failed")
+        return
+    finally:
+        if ready is not None:
+            ready.withdraw()
+    log.info(
+        "gateway call %s: the agent left before the answer; charged for what it used",
+        plan.request_id,
+        extra={"request_id": plan.request_id},
+    )
+    if stream:
+        await _settle(plan, response, None, 0, started)
+        return
+    tokens = _usage_tokens(response.usage)
+    estimated = tokens is None
+    latency_ms = int((time.monotonic() - started) * 1000)
+    await _charge(
+        plan, tokens or (plan.input_bound, plan.max_tokens), estimated=estimated,
+        latency_ms=latency_ms,
+    )  # fmt: skip
 
 
 async def _settle(plan, stream, usage, seen_bytes: int, started: float) -> None:

@@ -209,9 +209,7 @@ def test_an_upstream_500_falls_back_to_the_next_model(gateway_url, simulator, ac
     assert served.cost_usd == nanos_to_usd(entry.cost_nanos)
 
 
-def test_fallbacks_follow_the_requested_models_chain_in_order(
-    gateway_url, simulator, acme_key
-):
+def test_fallbacks_follow_the_requested_models_chain_in_order(gateway_url, simulator, acme_key):
     """mistral-small falls back to ministral-8b, then mistral-medium: when ministral-8b
     fails too, the call goes on along mistral-small's chain, not ministral-8b's."""
     sim = simulator(fail_models={"mistral-small-latest": 500, "ministral-8b-latest": 500})

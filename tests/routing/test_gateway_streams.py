@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 
 import httpx2
+import pytest
 
 from budgets.models import BudgetPeriod, Hold, HoldStatus
+from routing.catalog import get_catalog
 from spend.models import SpendEntry
 
 MESSAGES = [{"role": "user", "content": "Write a long churn analysis."}]
@@ -80,4 +82,59 @@ def test_an_agent_that_disconnects_is_charged_for_what_it_received(
     assert entry.usage_estimated
     assert entry.completion_tokens < 1000
     assert Hold.objects.get().status == HoldStatus.CAPTURED
+    assert BudgetPeriod.objects.get(policy__tenant=acme).held_nanos == 0
+
+
+# --- An agent that hangs up while the upstream has its call ---------------------------
+
+
+def _hang_up_during_the_upstream_call(gateway_url, key, **body):
+    with pytest.raises(httpx2.ReadTimeout):
+        httpx2.post(
+            f"{gateway_url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "mistral-small-latest", "messages": MESSAGES, **body},
+            timeout=0.4,
+        )
+
+
+def test_a_plain_call_whose_agent_hangs_up_is_charged_for_what_the_upstream_used(
+    gateway_url, simulator, acme, acme_key
+):
+    """The upstream goes on generating (and billing) the answer: the call is captured
+    from its usage, and the budget's hold is not left open until it expires."""
+    simulator(latency_ms=1000)
+    _hang_up_during_the_upstream_call(gateway_url, acme_key, max_tokens=30)
+    entry = wait_for_entry()
+    assert not entry.usage_estimated  # the upstream's own usage
+    prices = get_catalog().resolve(entry.model_used).prices
+    assert entry.cost_nanos == prices.cost_nanos(entry.prompt_tokens, entry.completion_tokens)
+    assert Hold.objects.get().status == HoldStatus.CAPTURED
+    assert BudgetPeriod.objects.get(policy__tenant=acme).held_nanos == 0
+
+
+def test_a_stream_whose_agent_hangs_up_before_it_opens_is_closed_and_charged_its_prompt(
+    gateway_url, simulator, acme, acme_key
+):
+    sim = simulator(latency_ms=1000)
+    _hang_up_during_the_upstream_call(gateway_url, acme_key, max_tokens=30, stream=True)
+    entry = wait_for_entry()
+    assert entry.usage_estimated and entry.completion_tokens == 0
+    assert entry.prompt_tokens == Hold.objects.get().input_tokens
+    assert Hold.objects.get().status == HoldStatus.CAPTURED
+    assert BudgetPeriod.objects.get(policy__tenant=acme).held_nanos == 0
+    assert len(httpx2.get(f"{sim}/_sim/requests").json()["data"]) == 1
+
+
+def test_a_call_whose_agent_hung_up_and_whose_upstream_failed_is_voided(
+    gateway_url, simulator, acme, acme_key
+):
+    simulator(latency_ms=1000, fail_models={"mistral-small-latest": 400})
+    _hang_up_during_the_upstream_call(gateway_url, acme_key, max_tokens=30)
+    deadline = time.monotonic() + 10
+    while Hold.objects.get().status == HoldStatus.HELD:
+        assert time.monotonic() < deadline, "the hold was left open"
+        time.sleep(0.05)
+    assert Hold.objects.get().status == HoldStatus.VOIDED
+    assert not SpendEntry.objects.exists()
     assert BudgetPeriod.objects.get(policy__tenant=acme).held_nanos == 0
