@@ -36,13 +36,14 @@ from mistralai.client.errors import MistralError
 from pydantic import ValidationError
 
 from budgets import engine, pgloop
-from budgets.errors import GovernanceError, InvalidApiKey, InvalidRequest
-from budgets.models import ApiKey, HoldStatus
+from budgets.errors import BudgetExceeded, GovernanceError, InvalidApiKey, InvalidRequest
+from budgets.models import ApiKey, HoldStatus, PeriodState
+from budgets.money import nanos_to_usd
 from governance import logs, metrics
 from governance.http import error_details, status_for
 
 from . import gateway, prepared, upstream
-from .catalog import ModelSpec, get_catalog
+from .catalog import ModelSpec, UnknownModel, get_catalog
 
 log = logging.getLogger("governance.gateway")
 
@@ -407,6 +408,28 @@ async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=N
             )
 
 
+def _refusal_headers(error: Exception, plan, original) -> dict[str, str]:
+    """The governance headers of a call answered with an error, as far as it got: a
+    call planned and then failed upstream has its plan's (its hold released); a budget
+    refusal names the model asked for and the refusing budget's state and what it has
+    left. A call refused before its budgets were read (a bad key or body, a paused
+    agent) carries only the model asked for, if it is one."""
+    if plan is not None:
+        headers = gateway.governance_headers(plan, cost_nanos=0)
+        del headers["X-Request-Id"]
+        return headers
+    headers = {}
+    asked = original.get("model") if isinstance(original, dict) else None
+    if isinstance(asked, str):
+        with contextlib.suppress(UnknownModel):
+            headers["X-Governance-Model"] = get_catalog().resolve(asked).id
+    if isinstance(error, BudgetExceeded):
+        left = error.limit_nanos - error.spent_nanos - error.held_nanos
+        headers["X-Budget-State"] = PeriodState.STOPPED
+        headers["X-Budget-Remaining-Usd"] = nanos_to_usd(max(0, left))
+    return headers
+
+
 def _usage_tokens(usage: Any) -> tuple[int, int] | None:
     if usage is None:
         return None
@@ -467,7 +490,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
 async def _chat_completions(request: HttpRequest, request_id: str) -> HttpResponse:
     if request.method != "POST":
         return error_response("method_not_allowed", "use POST", 405, request_id)
-    key = plan = None
+    key = plan = original = None
     try:
         key = await authenticate(bearer_key(request))
         original = gateway.validate_chat_request(read_json(request))
@@ -494,11 +517,16 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
     except GovernanceError as exc:
         outcome, status = metrics.outcome_of_error(exc.code), status_for(exc.code)
         _record_failed(request_id, outcome, status, code=exc.code, key=key, plan=plan)
-        return governance_error(exc, request_id)
+        reply = governance_error(exc, request_id)
+        for name, value in _refusal_headers(exc, plan, original).items():
+            reply[name] = value
+        return reply
     except UpstreamError as exc:
         _record_failed(request_id, metrics.Outcome.UPSTREAM_ERROR, exc.status, key=key, plan=plan)
         reply = JsonResponse(exc.body, status=exc.status, safe=False)
         reply["X-Request-Id"] = request_id
+        for name, value in _refusal_headers(exc, plan, original).items():
+            reply[name] = value
         return reply
     if original.get("stream"):
         _record_served(plan)

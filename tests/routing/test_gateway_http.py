@@ -192,6 +192,39 @@ def test_the_hard_cap_refuses_with_when_it_resets(gateway_url, simulator, acme, 
     assert SpendEntry.objects.count() == 1  # only the earlier call
 
 
+def test_a_refusal_and_an_upstream_failure_still_say_what_governance_did(
+    gateway_url, simulator, settings, acme, invoice_bot, acme_key, spend
+):
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("1"))
+    spend(acme, usd_to_nanos("0.75"))
+    # The upstream refuses (4xx): the plan's model, its budget, the hold given back.
+    simulator(fail_models={"mistral-small-latest": 422})
+    failed = chat(gateway_url, acme_key, max_tokens=20)
+    assert failed.status_code == 422
+    assert failed.headers["X-Governance-Model"] == "mistral-small"
+    assert failed.headers["X-Budget-State"] == "warned"  # past 75%
+    assert failed.headers["X-Budget-Remaining-Usd"] == "0.25"
+    # Nothing answers (timeout): the same, with 502.
+    settings.MISTRAL_TIMEOUT_MS = 300
+    simulator(latency_ms=2000)
+    timed_out = chat(gateway_url, acme_key, max_tokens=20)
+    assert timed_out.status_code == 502
+    assert timed_out.headers["X-Budget-Remaining-Usd"] == "0.25"
+    assert "X-Governance-Model" in timed_out.headers
+    # The budget refuses (402): the model asked for, the budget stopped, nothing left.
+    spend(acme, usd_to_nanos("0.25"), request_id="later-call")
+    refused = chat(gateway_url, acme_key, max_tokens=20)
+    assert refused.status_code == 402
+    assert refused.headers["X-Governance-Model"] == "mistral-small"
+    assert refused.headers["X-Budget-State"] == "stopped"
+    assert refused.headers["X-Budget-Remaining-Usd"] == "0"
+    # Refused before any budget is read: the model asked for, and the request id.
+    services.set_agent_paused(invoice_bot, True, reason="runaway")
+    paused = chat(gateway_url, acme_key)
+    assert paused.status_code == 403 and paused.headers["X-Governance-Model"] == "mistral-small"
+    assert "X-Budget-State" not in paused.headers and paused.headers["X-Request-Id"]
+
+
 def test_an_upstream_500_falls_back_to_the_next_model(gateway_url, simulator, acme_key, caplog):
     simulator(fail_models={"mistral-large-latest": 500})
     caplog.set_level(logging.INFO, logger="governance.gateway")
