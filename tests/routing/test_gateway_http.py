@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx2
@@ -506,3 +507,64 @@ def test_a_plain_reply_is_the_upstreams_json_as_it_was_sent(gateway_url, acme_ke
     assert response.content == sent
     entry = SpendEntry.objects.get()
     assert (entry.prompt_tokens, entry.completion_tokens) == (12, 2)
+
+
+def test_a_failing_model_is_skipped_while_its_circuit_is_open(
+    gateway_url, simulator, acme_key, monkeypatch
+):
+    monkeypatch.setattr(upstream.breaker, "threshold", 2)
+    monkeypatch.setattr(upstream.breaker, "cooldown_seconds", 1.0)
+    sim = simulator(fail_models={"mistral-large-latest": 500})
+
+    def tried():
+        sent = [r["body"]["model"] for r in upstream_requests(sim)]
+        httpx2.post(f"{sim}/_sim/reset")
+        return [get_catalog().resolve(model).id for model in sent]
+
+    for _ in range(2):  # two failures open the circuit; each call falls back
+        assert chat(gateway_url, acme_key, model="mistral-large-latest").status_code == 200
+        assert tried() == ["mistral-large", "mistral-medium"]
+    assert chat(gateway_url, acme_key, model="mistral-large-latest").status_code == 200
+    assert tried() == ["mistral-medium"]  # skipped without being asked
+    time.sleep(1.1)  # the cooldown is over: asked again
+    assert chat(gateway_url, acme_key, model="mistral-large-latest").status_code == 200
+    assert tried() == ["mistral-large", "mistral-medium"]
+
+
+def test_a_revoked_key_or_paused_agent_is_refused_once_the_key_cache_expires(
+    gateway_url, simulator, settings, acme, invoice_bot
+):
+    """README: a revocation or a pause takes effect within KEY_CACHE_SECONDS."""
+    simulator()
+    settings.KEY_CACHE_SECONDS = 1
+    key, raw = services.issue_key(invoice_bot)
+    assert chat(gateway_url, raw, max_tokens=5).status_code == 200  # now cached
+    services.revoke_key(key)
+    time.sleep(1.1)
+    assert chat(gateway_url, raw, max_tokens=5).status_code == 401
+    _, other = services.issue_key(invoice_bot)
+    assert chat(gateway_url, other, max_tokens=5).status_code == 200
+    services.set_agent_paused(invoice_bot, True, reason="runaway")
+    time.sleep(1.1)
+    response = chat(gateway_url, other, max_tokens=5)
+    assert (response.status_code, response.json()["code"]) == (403, "agent_paused")
+
+
+def test_an_end_user_header_applies_that_users_budget(gateway_url, simulator, acme, acme_key):
+    simulator()
+    services.set_policy(acme, ScopeType.USER, user_key="u-1", limit_nanos=1)
+
+    def as_user(user):
+        return httpx2.post(
+            f"{gateway_url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {acme_key}", "X-End-User": user},
+            json={"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": 5},
+            timeout=30,
+        )
+
+    refused = as_user("u-1")
+    assert refused.status_code == 402, refused.text
+    assert refused.json()["details"]["scope_type"] == "user"
+    assert as_user("u-2").status_code == 200
+    wait_for_charges()
+    assert SpendEntry.objects.get().user_key == "u-2"
