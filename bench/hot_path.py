@@ -144,10 +144,10 @@ def sdk_clients(calls: int) -> dict[str, float]:
 
     from routing.simulator import running_simulator
     from routing.transport import DirectAsyncClient, Http11Transport
-    from routing.upstream import ExtraFieldsTransport
+    from routing.upstream import AsSentTransport
 
     def sdk(url, client_class):
-        transport = ExtraFieldsTransport(Http11Transport())
+        transport = AsSentTransport(Http11Transport())
         return Mistral(
             api_key="bench",
             server_url=url,

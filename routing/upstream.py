@@ -1,8 +1,11 @@
 """The Mistral upstream, through the official SDK (async).
 
-The SDK has a named argument for every field Mistral documents; a field it does not
-know would be dropped, so those travel in a private header that a small transport
-merges back into the JSON body (the fields the SDK serialized win).
+The SDK has a named argument for every field Mistral documents, and its models keep
+only the fields they know, at every level: a field of a newer API, at the top or inside
+a message or a tool, would be dropped. So the body the gateway means to send (the
+agent's fields, with what governance set: model, max_tokens, tools) also travels in a
+private header, and a small transport sends those fields as they are, over the SDK's
+serialization of them (which keeps what the SDK adds itself, such as `stream`).
 
 The same transport holds back a request prepared while its call's hold is placed
 (routing.prepared): nothing is sent before the plan asks for exactly that request.
@@ -25,7 +28,7 @@ from mistralai.client import Mistral
 
 from .transport import DirectAsyncClient, Http11Transport, last_response
 
-EXTRA_FIELDS_HEADER = "x-governance-extra-fields"
+AS_SENT_HEADER = "x-governance-as-sent"
 SDK_FIELDS = frozenset(
     {
         "model", "messages", "temperature", "top_p", "max_tokens", "stream", "stop",
@@ -45,9 +48,10 @@ held_back_until: contextvars.ContextVar[asyncio.Future | None] = contextvars.Con
 )
 
 
-class ExtraFieldsTransport(httpx2.AsyncBaseTransport):
-    """Merges the fields the SDK does not know back into the JSON body, then sends the
-    request through `inner`: once its prepared call lets it go, if it has one."""
+class AsSentTransport(httpx2.AsyncBaseTransport):
+    """Sends the fields of the request's private header as they are, over the JSON body
+    the SDK serialized, then sends the request through `inner`: once its prepared call
+    lets it go, if it has one."""
 
     def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
         self.inner = inner
@@ -56,33 +60,32 @@ class ExtraFieldsTransport(httpx2.AsyncBaseTransport):
         await self.inner.aclose()
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        gate = held_back_until.get()
-        if gate is not None:
-            await gate  # a withdrawn call fails here, before anything is sent
-            held_back_until.set(None)
-        extra = request.headers.get(EXTRA_FIELDS_HEADER)
-        if extra is not None:
-            body = json.loads(request.content or b"{}")
-            merged = {**json.loads(extra), **body}
+        as_sent = request.headers.get(AS_SENT_HEADER)
+        if as_sent is not None:  # done first: a prepared call does it during the hold
+            body = {**json.loads(request.content or b"{}"), **json.loads(as_sent)}
             headers = [
-                (k, v) for k, v in request.headers.multi_items() if k.lower() != EXTRA_FIELDS_HEADER
+                (k, v)
+                for k, v in request.headers.multi_items()
+                if k.lower() not in (AS_SENT_HEADER, "content-length")
             ]
-            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
             request = httpx2.Request(
                 request.method,
                 request.url,
                 headers=headers,
-                content=json.dumps(merged).encode(),
+                content=json.dumps(body).encode(),
                 extensions=request.extensions,
             )
+        gate = held_back_until.get()
+        if gate is not None:
+            await gate  # a withdrawn call fails here, before anything is sent
+            held_back_until.set(None)
         return await self.inner.handle_async_request(request)
 
 
-def split_fields(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(arguments the SDK takes, fields to pass through as they are)."""
-    known = {k: v for k, v in body.items() if k in SDK_FIELDS}
-    extra = {k: v for k, v in body.items() if k not in SDK_FIELDS}
-    return known, extra
+def sdk_arguments(body: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `body` the SDK takes as arguments (it validates and serializes
+    them); request_options(body) has them all sent as they are."""
+    return {k: v for k, v in body.items() if k in SDK_FIELDS}
 
 
 def _cache_sdk_model_classes() -> None:
@@ -211,9 +214,7 @@ def client() -> Mistral:
                 api_key=settings.MISTRAL_API_KEY or "simulated",
                 server_url=settings.MISTRAL_SERVER_URL,
                 timeout_ms=settings.MISTRAL_TIMEOUT_MS,
-                async_client=DirectAsyncClient(
-                    transport=ExtraFieldsTransport(_transport), timeout=None
-                ),
+                async_client=DirectAsyncClient(transport=AsSentTransport(_transport), timeout=None),
             )
         return _client
 
@@ -250,8 +251,9 @@ def last_json_body() -> bytes | None:
     return response.content
 
 
-def request_options(extra: dict[str, Any]) -> dict[str, Any]:
-    return {"http_headers": {EXTRA_FIELDS_HEADER: json.dumps(extra)}} if extra else {}
+def request_options(body: dict[str, Any]) -> dict[str, Any]:
+    """The SDK call's options that have `body`'s fields sent as they are (AsSentTransport)."""
+    return {"http_headers": {AS_SENT_HEADER: json.dumps(body)}}
 
 
 # --- Circuit breaker ----------------------------------------------------------------

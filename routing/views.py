@@ -207,8 +207,7 @@ def _upstream_arguments(
     """The SDK's arguments, and its request options, for this body on this model."""
     body = {**body, "model": model.upstream_name, "max_tokens": max_tokens}
     body.pop("stream", None)
-    known, extra = upstream.split_fields(body)
-    return known, upstream.request_options(extra)
+    return upstream.sdk_arguments(body), upstream.request_options(body)
 
 
 def _prepared_call(key: ApiKey, body: dict[str, Any]) -> prepared.PreparedCall | None:

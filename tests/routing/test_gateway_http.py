@@ -291,6 +291,34 @@ def test_unknown_request_fields_reach_the_upstream_unchanged(gateway_url, simula
     assert sent["temperature"] == 0.3
 
 
+def test_unknown_fields_inside_known_ones_reach_the_upstream_unchanged(
+    gateway_url, simulator, acme_key
+):
+    """The SDK's models keep only the fields they know, at every level."""
+    sim = simulator()
+    messages = [{"role": "user", "content": "Hello", "x_new": {"a": 1}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "lookup", "parameters": {"type": "object"}, "x_tool": True},
+        }
+    ]
+    response = chat(
+        gateway_url,
+        acme_key,
+        messages=messages,
+        tools=tools,
+        response_format={"type": "json_object", "x_extra": "kept"},
+        max_tokens=20,
+    )
+    assert response.status_code == 200, response.text
+    sent = upstream_requests(sim)[-1]["body"]
+    assert sent["messages"] == messages
+    assert sent["tools"] == tools
+    assert sent["response_format"] == {"type": "json_object", "x_extra": "kept"}
+    assert sent["max_tokens"] == 20 and sent["stream"] is False  # ours and the SDK's
+
+
 @pytest.mark.parametrize(
     ("headers", "body", "status", "code"),
     [
