@@ -119,6 +119,23 @@ def test_the_openai_sdk_works_plain_and_streaming(gateway_url, simulator, acme_k
         assert_charged_exactly(entry, "ministral-8b")
 
 
+def test_the_openai_sdk_gets_refusals_as_its_own_errors(
+    gateway_url, simulator, acme, acme_key, spend
+):
+    simulator()
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("1"))
+    spend(acme, usd_to_nanos("1"))
+    client = openai.OpenAI(api_key=acme_key, base_url=f"{gateway_url}/v1", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model="ministral-8b-latest", messages=MESSAGES)
+    assert refused.value.status_code == 402
+    assert refused.value.code == "budget_exceeded"
+    assert refused.value.body["details"]["scope_type"] == "tenant"
+    bad_key = openai.OpenAI(api_key="sgk_nope_nope", base_url=f"{gateway_url}/v1", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.chat.completions.create(model="ministral-8b-latest", messages=MESSAGES)
+
+
 def test_every_response_says_what_governance_did(gateway_url, simulator, acme, acme_key):
     simulator()
     services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("5"))
@@ -273,9 +290,12 @@ def test_an_upstream_timeout_answers_502_and_charges_nothing(
 
 
 def test_an_upstream_4xx_is_passed_through_and_charges_nothing(gateway_url, simulator, acme_key):
+    from routing.simulator import error_body
+
     simulator(fail_models={"mistral-small-latest": 422})
     response = chat(gateway_url, acme_key, max_tokens=20)
     assert response.status_code == 422
+    assert response.json() == error_body(422)  # the upstream's own message and shape
     assert not SpendEntry.objects.exists()
     assert set(Hold.objects.values_list("status", flat=True)) == {"voided"}
 

@@ -80,7 +80,8 @@ def test_an_agent_that_disconnects_is_charged_for_what_it_received(
                 break
     entry = wait_for_entry()
     assert entry.usage_estimated
-    assert entry.completion_tokens < 1000
+    words = sum(1 for line in received if '"content": "' in line and '"content": ""' not in line)
+    assert words <= entry.completion_tokens < 1000  # at least what the agent received
     assert Hold.objects.get().status == HoldStatus.CAPTURED
     assert BudgetPeriod.objects.get(policy__tenant=acme).held_nanos == 0
 
