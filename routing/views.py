@@ -496,7 +496,14 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
         user_key = request.headers.get("X-End-User", "").strip()
         ready = _prepared_call(key, original)
         try:
-            plan = await _plan(key, original, request_id, user_key, ready)
+            planning = asyncio.ensure_future(_plan(key, original, request_id, user_key, ready))
+            try:
+                plan = await asyncio.shield(planning)
+            except asyncio.CancelledError:
+                # The agent went away while its hold was being placed: once placed, it
+                # is given back, and nothing goes upstream (_void_when_planned).
+                _settling_task(_void_when_planned(planning), request_id)
+                raise
             stream = bool(original.get("stream"))
             calling = asyncio.ensure_future(
                 _calling(plan, key, original, user_key, stream=stream, ready=ready)
@@ -852,6 +859,24 @@ def _streaming_response(plan: gateway.CallPlan, stream, started: float) -> Strea
     for name, value in gateway.governance_headers(plan).items():
         response[name] = value
     return response
+
+
+async def _void_when_planned(planning: asyncio.Future) -> None:
+    """A call whose agent left while it was being planned: its hold, once placed, is
+    voided (the upstream is never asked)."""
+    try:
+        plan = await planning
+    except GovernanceError:
+        return  # refused: nothing was held
+    except Exception:
+        log.exception("planning a call whose agent left failed")
+        return
+    await in_thread(gateway.void)(plan)
+    log.info(
+        "gateway call %s: the agent left before the upstream was asked; its hold voided",
+        plan.request_id,
+        extra={"request_id": plan.request_id},
+    )
 
 
 async def _calling(*args, **kwargs):

@@ -139,3 +139,44 @@ def test_a_call_whose_agent_hung_up_and_whose_upstream_failed_is_voided(
     assert Hold.objects.get().status == HoldStatus.VOIDED
     assert not SpendEntry.objects.exists()
     assert BudgetPeriod.objects.get(policy__tenant=acme).held_nanos == 0
+
+
+def test_a_call_whose_agent_hangs_up_while_its_hold_is_placed_sends_nothing_and_keeps_no_hold(
+    require_postgres, gateway_url, simulator, acme, acme_key
+):
+    """The hold's statement waits on a lock; the agent gives up meanwhile. Once placed,
+    the hold is voided and the upstream is never asked."""
+    import psycopg
+    from django.db import connection
+
+    sim = simulator()
+    assert chat_ok(gateway_url, acme_key)  # the budget's period exists
+    httpx2.post(f"{sim}/_sim/reset")
+    period = BudgetPeriod.objects.get(policy__tenant=acme)
+    dsn = connection.get_connection_params()
+    with psycopg.connect(**dsn) as blocker:
+        blocker.execute("SELECT id FROM budgets_budgetperiod WHERE id = %s FOR UPDATE", [period.pk])
+        _hang_up_during_the_upstream_call(gateway_url, acme_key, max_tokens=30)
+        blocker.rollback()  # the hold's statement goes on
+    deadline = time.monotonic() + 10
+    while True:  # the first call's hold, captured, and this call's, once placed
+        statuses = list(Hold.objects.order_by("id").values_list("status", flat=True))
+        if len(statuses) == 2 and statuses[1] != HoldStatus.HELD:
+            break
+        assert time.monotonic() < deadline, f"the hold was left open: {statuses}"
+        time.sleep(0.05)
+    assert Hold.objects.latest("id").status == HoldStatus.VOIDED
+    assert httpx2.get(f"{sim}/_sim/requests").json()["data"] == []
+    period.refresh_from_db()
+    assert period.held_nanos == 0
+    assert SpendEntry.objects.count() == 1  # only the first call
+
+
+def chat_ok(gateway_url, key) -> bool:
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "mistral-small-latest", "messages": MESSAGES, "max_tokens": 5},
+        timeout=30,
+    )
+    return response.status_code == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 
 import httpx2
 import pytest
@@ -196,8 +197,11 @@ def test_an_agent_that_hangs_up_during_the_hold_sends_nothing_upstream(
     threading.Event().wait(0.2)  # time for a request that should not be sent
     assert upstream_requests(sim) == []
     assert prepared_calls_pending(caplog) == []
-    # The hold placed after the agent left is released when it expires.
-    assert Hold.objects.get().status == HoldStatus.HELD
+    # The hold placed after the agent left is voided once placed (views._void_when_planned).
+    deadline = time.monotonic() + 5
+    while Hold.objects.get().status == HoldStatus.HELD and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert Hold.objects.get().status == HoldStatus.VOIDED
 
 
 # --- PreparedCall itself, against the simulator ---------------------------------------
