@@ -402,6 +402,7 @@ def budget_exceeded(period: BudgetPeriod, message: str) -> BudgetExceeded:
         held_nanos=period.held_nanos,
         limit_nanos=period.limit_nanos,
         resets_at=period.window_end,
+        state=period.state,
     )
 
 

@@ -60,4 +60,5 @@ class BudgetExceeded(GovernanceError):
     held_nanos: int = 0
     limit_nanos: int = 0
     resets_at: datetime | None = None
+    state: str = ""  # the refusing period's (too little left is not always stopped)
     code = "budget_exceeded"

@@ -189,12 +189,18 @@ def read_json(request: HttpRequest) -> dict[str, Any]:
             f"the request body is larger than {settings.GATEWAY_MAX_BODY_BYTES} bytes"
         )
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
+
+
+def _not_json(name: str) -> None:
+    """Python's json reads NaN and Infinity; JSON has neither (the upstream would get
+    them as sent)."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def upstream_arguments(plan: gateway.CallPlan) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -362,10 +368,21 @@ async def _next_plan(first, key, original, user_key, tried: set[str], attempt: i
     return None
 
 
-async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=None):
+async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=None, gone=None):
     """Call upstream, falling back along the model's chain on failures. Returns the plan
     that succeeded and the response (or open stream). The first attempt sends `ready`
-    (a PreparedCall) if the plan asks for its arguments."""
+    (a PreparedCall) if the plan asks for its arguments. Once `gone` (an asyncio.Event)
+    is set, the agent has left: a failed attempt is not followed by a fallback. An error
+    raised carries the plan of the attempt that met it (`.plan`)."""
+    try:
+        return await _attempts(plan, key, original, user_key, stream, ready, gone)
+    except (GovernanceError, UpstreamError) as exc:
+        if getattr(exc, "plan", None) is None:
+            exc.plan = plan
+        raise
+
+
+async def _attempts(plan, key, original, user_key, stream, ready, gone):
     tried: set[str] = set()
     attempt, first_plan = 0, plan
     while True:
@@ -379,13 +396,17 @@ async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=N
                 response = await call()
             except ValidationError as exc:
                 await in_thread(gateway.void)(plan)
-                raise InvalidRequest(
+                invalid = InvalidRequest(
                     f"the request does not match Mistral's API: {exc.errors()[0]['msg']}"
-                ) from None
+                )
+                invalid.plan = plan
+                raise invalid from None
             except (MistralError, httpx2.TransportError) as exc:
                 await in_thread(gateway.void)(plan)
                 if not _is_upstream_failure(exc):
-                    raise _upstream_4xx(exc) from None
+                    refused = _upstream_4xx(exc)
+                    refused.plan = plan
+                    raise refused from None
                 upstream.breaker.record_failure(plan.model.id)
                 log.warning(
                     "upstream %s failed for %s: %s",
@@ -399,20 +420,25 @@ async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=N
                 return plan, response, started
         else:
             await in_thread(gateway.void)(plan)
+        if gone is not None and gone.is_set():
+            raise UpstreamUnavailable("the upstream failed and the agent had left: no fallback")
         attempt += 1
-        plan = await _next_plan(first_plan, key, original, user_key, tried, attempt)
+        failed, plan = plan, await _next_plan(first_plan, key, original, user_key, tried, attempt)
         if plan is None:
-            raise UpstreamUnavailable(
+            unavailable = UpstreamUnavailable(
                 "no model answered: the upstream failed and no fallback was available"
             )
+            unavailable.plan = failed
+            raise unavailable
 
 
 def _refusal_headers(error: Exception, plan, original) -> dict[str, str]:
     """The governance headers of a call answered with an error, as far as it got: a
-    call planned and then failed upstream has its plan's (its hold released); a budget
-    refusal names the model asked for and the refusing budget's state and what it has
-    left. A call refused before its budgets were read (a bad key or body, a paused
-    agent) carries only the model asked for, if it is one."""
+    call planned and then failed upstream has the failed attempt's plan's (its hold
+    released); a budget refusal names the model asked for, the refusing budget's state
+    (too little left for this call is not always stopped) and what it has left. A call
+    refused before its budgets were read (a bad key or body, a paused agent) carries
+    only the model asked for, if it is one."""
     if plan is not None:
         headers = gateway.governance_headers(plan, cost_nanos=0)
         del headers["X-Request-Id"]
@@ -424,7 +450,7 @@ def _refusal_headers(error: Exception, plan, original) -> dict[str, str]:
             headers["X-Governance-Model"] = get_catalog().resolve(asked).id
     if isinstance(error, BudgetExceeded):
         left = error.limit_nanos - error.spent_nanos - error.held_nanos
-        headers["X-Budget-State"] = PeriodState.STOPPED
+        headers["X-Budget-State"] = error.state or PeriodState.STOPPED
         headers["X-Budget-Remaining-Usd"] = nanos_to_usd(max(0, left))
     return headers
 
@@ -505,8 +531,9 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
                 _settling_task(_void_when_planned(planning), request_id)
                 raise
             stream = bool(original.get("stream"))
+            gone = asyncio.Event()
             calling = asyncio.ensure_future(
-                _calling(plan, key, original, user_key, stream=stream, ready=ready)
+                _calling(plan, key, original, user_key, stream=stream, ready=ready, gone=gone)
             )
             try:
                 plan, response, started, raw = await asyncio.shield(calling)
@@ -514,13 +541,15 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
             except asyncio.CancelledError:
                 # The agent went away while the upstream works on its call: the call
                 # goes on and is charged for what it used (_abandoned).
-                _settling_task(_abandoned(calling, ready, stream), request_id)
+                gone.set()  # no fallback after a failure
+                _settling_task(_abandoned(calling, plan, ready, stream), request_id)
                 ready = None  # the call owns it now
                 raise
         finally:
             if ready is not None:
                 ready.withdraw()  # unless sent: refused, another plan, the agent gone
     except GovernanceError as exc:
+        plan = getattr(exc, "plan", None) or plan  # the attempt that met it
         outcome, status = metrics.outcome_of_error(exc.code), status_for(exc.code)
         _record_failed(request_id, outcome, status, code=exc.code, key=key, plan=plan)
         reply = governance_error(exc, request_id)
@@ -528,6 +557,7 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
             reply[name] = value
         return reply
     except UpstreamError as exc:
+        plan = getattr(exc, "plan", None) or plan
         _record_failed(request_id, metrics.Outcome.UPSTREAM_ERROR, exc.status, key=key, plan=plan)
         reply = JsonResponse(exc.body, status=exc.status, safe=False)
         reply["X-Request-Id"] = request_id
@@ -589,8 +619,16 @@ def charges_after_reply() -> list[asyncio.Task]:
 def _settling_task(charge, request_id: str) -> asyncio.Task:
     task = asyncio.get_running_loop().create_task(charge, name=request_id)
     _settling.add(task)
-    task.add_done_callback(_settling.discard)
+    task.add_done_callback(_settled)
     return task
+
+
+def _settled(task: asyncio.Task) -> None:
+    """Each settling task logs its own outcome; one that raised anyway is logged here,
+    not left to asyncio's "never retrieved"."""
+    _settling.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("settling gateway call %s failed", task.get_name(), exc_info=task.exception())
 
 
 def wait_for_charges(timeout: float = 10) -> None:
@@ -871,7 +909,20 @@ async def _void_when_planned(planning: asyncio.Future) -> None:
     except Exception:
         log.exception("planning a call whose agent left failed")
         return
-    await in_thread(gateway.void)(plan)
+    for attempt in range(1, CHARGE_ATTEMPTS + 1):
+        try:
+            await in_thread(gateway.void)(plan)
+            break
+        except Exception:
+            if attempt == CHARGE_ATTEMPTS:
+                log.exception(
+                    "gateway call %s: the agent left and its hold could not be voided; "
+                    "expire_holds will release it",
+                    plan.request_id,
+                    extra={"request_id": plan.request_id},
+                )
+                return
+            await asyncio.sleep(CHARGE_RETRY_SECONDS * 2 ** (attempt - 1))
     log.info(
         "gateway call %s: the agent left before the upstream was asked; its hold voided",
         plan.request_id,
@@ -886,14 +937,21 @@ async def _calling(*args, **kwargs):
     return plan, response, started, upstream.last_response.get()
 
 
-async def _abandoned(calling: asyncio.Future, ready, stream: bool) -> None:
+async def _abandoned(calling: asyncio.Future, first, ready, stream: bool) -> None:
     """A call whose agent hung up while the upstream had it: the upstream may already
     be generating (and billing) its answer, so it is charged for what it used, as
     though the agent were still there. A plain call is waited for and captured from its
     usage; a stream is closed as soon as it opens and charged for its prompt. A call
-    the upstream failed was voided on the way (_open_upstream)."""
+    the upstream failed was voided on the way, with no fallback (_open_upstream).
+    `first` is the call's first plan."""
     try:
         plan, response, started, _ = await calling
+    except asyncio.CancelledError:  # shutdown gave up waiting for the upstream
+        _charge_failed(
+            first, (first.input_bound, first.max_tokens),
+            "not charged (the agent had left; cut off by shutdown while the upstream had it)",
+        )  # fmt: skip
+        raise
     except (GovernanceError, UpstreamError) as exc:
         log.info("a call whose agent left failed upstream (its holds voided): %s", exc)
         return
@@ -909,7 +967,13 @@ async def _abandoned(calling: asyncio.Future, ready, stream: bool) -> None:
         extra={"request_id": plan.request_id},
     )
     if stream:
-        await _settle(plan, response, None, 0, started)
+        try:
+            await response.close()
+        except Exception:  # closing a broken stream must not stop the charge
+            log.debug("closing upstream stream %s failed", plan.request_id, exc_info=True)
+        # Nothing was read: the prompt's bound, no completion (as _settle would charge).
+        latency_ms = int((time.monotonic() - started) * 1000)
+        await _charge(plan, (plan.input_bound, 0), estimated=True, latency_ms=latency_ms)
         return
     tokens = _usage_tokens(response.usage)
     estimated = tokens is None

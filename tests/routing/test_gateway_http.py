@@ -260,6 +260,38 @@ def test_an_upstream_500_falls_back_to_the_next_model(gateway_url, simulator, ac
     assert served.cost_usd == nanos_to_usd(entry.cost_nanos)
 
 
+def test_a_402_for_a_call_too_big_for_what_is_left_gives_the_budgets_own_state(
+    gateway_url, simulator, acme, acme_key
+):
+    simulator()
+    services.set_policy(acme, ScopeType.TENANT, limit_nanos=usd_to_nanos("0.001"))
+    big = [{"role": "user", "content": "x" * 100_000}]
+    refused = chat(gateway_url, acme_key, messages=big, max_tokens=5)
+    assert refused.status_code == 402
+    assert refused.headers["X-Budget-State"] == "active"  # usable, just not for this
+    assert refused.headers["X-Budget-Remaining-Usd"] == "0.001"
+    assert chat(gateway_url, acme_key, max_tokens=5).status_code == 200
+
+
+def test_a_fallbacks_4xx_carries_the_fallbacks_headers(gateway_url, simulator, acme_key):
+    simulator(fail_models={"mistral-small-latest": 500, "ministral-8b-latest": 422})
+    response = chat(gateway_url, acme_key, max_tokens=20)
+    assert response.status_code == 422
+    assert response.headers["X-Governance-Model"] == "ministral-8b"
+
+
+def test_nan_and_infinity_are_not_json(gateway_url, simulator, acme_key):
+    simulator()
+    response = httpx2.post(
+        f"{gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {acme_key}", "Content-Type": "application/json"},
+        content=b'{"model": "mistral-small-latest", "messages": [], "temperature": NaN}',
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert "NaN is not a JSON number" in response.json()["message"]
+
+
 def test_fallbacks_follow_the_requested_models_chain_in_order(gateway_url, simulator, acme_key):
     """mistral-small falls back to ministral-8b, then mistral-medium: when ministral-8b
     fails too, the call goes on along mistral-small's chain, not ministral-8b's."""

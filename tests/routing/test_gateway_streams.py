@@ -180,3 +180,43 @@ def chat_ok(gateway_url, key) -> bool:
         timeout=30,
     )
     return response.status_code == 200
+
+
+def test_no_fallback_is_sent_for_an_agent_that_left(gateway_url, simulator, acme, acme_key):
+    """The first model fails after the agent hung up: its hold is voided, and nothing
+    else is sent upstream or charged."""
+    sim = simulator(latency_ms=1000, fail_models={"mistral-small-latest": 500})
+    _hang_up_during_the_upstream_call(gateway_url, acme_key, max_tokens=30)
+    deadline = time.monotonic() + 10
+    while Hold.objects.get().status == HoldStatus.HELD:
+        assert time.monotonic() < deadline, "the hold was left open"
+        time.sleep(0.05)
+    time.sleep(0.3)  # time for a fallback that should not come
+    assert len(httpx2.get(f"{sim}/_sim/requests").json()["data"]) == 1
+    assert list(Hold.objects.values_list("status", flat=True)) == [HoldStatus.VOIDED]
+    assert not SpendEntry.objects.exists()
+
+
+def test_an_abandoned_streams_charge_that_fails_is_retried_and_logged(
+    gateway_url, simulator, acme, acme_key, monkeypatch, caplog
+):
+    from django.db import OperationalError
+
+    from routing import gateway
+
+    simulator(latency_ms=1000)
+    attempts = []
+
+    def capture(*args, **kwargs):
+        attempts.append(1)
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(gateway, "capture", capture)
+    monkeypatch.setattr("routing.views._loop_database", lambda: None)  # the thread's way
+    _hang_up_during_the_upstream_call(gateway_url, acme_key, max_tokens=30, stream=True)
+    deadline = time.monotonic() + 10
+    while not any("not charged" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the failed charge was never logged"
+        time.sleep(0.05)
+    assert len(attempts) == 3  # _charge's attempts
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
