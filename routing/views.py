@@ -565,8 +565,7 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
             reply[name] = value
         return reply
     if original.get("stream"):
-        _record_served(plan)
-        return _streaming_response(plan, response, started)
+        return _streaming_response(plan, response, started)  # counted once charged
     latency_ms = int((time.monotonic() - started) * 1000)
     tokens = _usage_tokens(response.usage)
     estimated = tokens is None
@@ -967,13 +966,7 @@ async def _abandoned(calling: asyncio.Future, first, ready, stream: bool) -> Non
         extra={"request_id": plan.request_id},
     )
     if stream:
-        try:
-            await response.close()
-        except Exception:  # closing a broken stream must not stop the charge
-            log.debug("closing upstream stream %s failed", plan.request_id, exc_info=True)
-        # Nothing was read: the prompt's bound, no completion (as _settle would charge).
-        latency_ms = int((time.monotonic() - started) * 1000)
-        await _charge(plan, (plan.input_bound, 0), estimated=True, latency_ms=latency_ms)
+        await _settle(plan, response, None, 0, started)  # nothing read: its prompt
         return
     tokens = _usage_tokens(response.usage)
     estimated = tokens is None
@@ -985,6 +978,8 @@ async def _abandoned(calling: asyncio.Future, first, ready, stream: bool) -> Non
 
 
 async def _settle(plan, stream, usage, seen_bytes: int, started: float) -> None:
+    """Close a stream and charge it (as _charge does: retried, then counted and logged,
+    or logged as not charged)."""
     try:
         await stream.close()
     except Exception:  # closing a broken stream must not stop the capture
@@ -995,14 +990,8 @@ async def _settle(plan, stream, usage, seen_bytes: int, started: float) -> None:
         # No usage from upstream: the whole prompt bound, and every byte of content seen
         # as a token (a token is at least a byte), never more than max_tokens.
         tokens = (plan.input_bound, min(seen_bytes, plan.max_tokens))
-    entry = await in_thread(gateway.capture)(
-        plan,
-        prompt_tokens=tokens[0],
-        completion_tokens=tokens[1],
-        usage_estimated=estimated,
-        latency_ms=int((time.monotonic() - started) * 1000),
-    )
-    metrics.add_spend(plan.model.id, entry.cost_nanos)
+    latency_ms = int((time.monotonic() - started) * 1000)
+    await _charge(plan, tokens, estimated=estimated, latency_ms=latency_ms)
 
 
 async def list_models(request: HttpRequest) -> HttpResponse:

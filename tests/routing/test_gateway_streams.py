@@ -220,3 +220,30 @@ def test_an_abandoned_streams_charge_that_fails_is_retried_and_logged(
         time.sleep(0.05)
     assert len(attempts) == 3  # _charge's attempts
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_a_streams_charge_is_retried_after_a_database_error(
+    gateway_url, simulator, acme, acme_key, monkeypatch
+):
+    from django.db import OperationalError
+
+    from routing import gateway
+
+    simulator()
+    real_capture, failures = gateway.capture, []
+
+    def capture_failing_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(gateway, "capture", capture_failing_once)
+    monkeypatch.setattr("routing.views._loop_database", lambda: None)  # the thread's way
+    with stream(gateway_url, acme_key, max_tokens=20) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    entry = wait_for_entry()
+    assert failures == [1] and not entry.usage_estimated
+    assert Hold.objects.get().status == HoldStatus.CAPTURED
+    assert BudgetPeriod.objects.get(policy__tenant=acme).held_nanos == 0
