@@ -99,6 +99,11 @@ def validate_chat_request(body: Any, *, messages_required: bool = True) -> dict[
         raise InvalidRequest("'max_tokens' must be a positive integer")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise InvalidRequest("'stream' must be true or false")
+    n = body.get("n")
+    if n is not None and n != 1:
+        # n completions cost up to n times max_tokens: more than the call's hold, which
+        # keeps a budget from being overspent, is for.
+        raise InvalidRequest("'n' must be 1 through the gateway (send one call per completion)")
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequest("'tools' must be a list")

@@ -396,6 +396,12 @@ def test_unknown_fields_inside_known_ones_reach_the_upstream_unchanged(
             400,
             "invalid_request",
         ),
+        (  # n completions would cost n times what the hold covers
+            None,
+            {"model": "mistral-small-latest", "messages": MESSAGES, "n": 3},
+            400,
+            "invalid_request",
+        ),
     ],
 )
 def test_bad_requests_get_clear_errors(
