@@ -77,7 +77,10 @@ def prompt_token_bound(body: dict[str, Any]) -> int:
     messages and tools as JSON. A token is at least one byte, and the JSON punctuation
     around each message outweighs the few control tokens of the chat template."""
     payload = {"messages": body.get("messages"), "tools": body.get("tools")}
-    return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+    try:
+        return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+    except UnicodeEncodeError:  # JSON may escape half of a surrogate pair alone
+        raise InvalidRequest("the messages or tools hold text that is not valid Unicode") from None
 
 
 def validate_chat_request(body: Any, *, messages_required: bool = True) -> dict[str, Any]:

@@ -396,6 +396,13 @@ def test_unknown_fields_inside_known_ones_reach_the_upstream_unchanged(
             400,
             "invalid_request",
         ),
+        (  # half a surrogate pair, escaped: valid JSON, not valid Unicode
+            None,
+            b'{"model": "mistral-small-latest", '
+            b'"messages": [{"role": "user", "content": "\\ud800"}]}',
+            400,
+            "invalid_request",
+        ),
         (  # n completions would cost n times what the hold covers
             None,
             {"model": "mistral-small-latest", "messages": MESSAGES, "n": 3},
