@@ -374,15 +374,6 @@ async def _open_upstream(plan, key, original, user_key, *, stream: bool, ready=N
     (a PreparedCall) if the plan asks for its arguments. Once `gone` (an asyncio.Event)
     is set, the agent has left: a failed attempt is not followed by a fallback. An error
     raised carries the plan of the attempt that met it (`.plan`)."""
-    try:
-        return await _attempts(plan, key, original, user_key, stream, ready, gone)
-    except (GovernanceError, UpstreamError) as exc:
-        if getattr(exc, "plan", None) is None:
-            exc.plan = plan
-        raise
-
-
-async def _attempts(plan, key, original, user_key, stream, ready, gone):
     tried: set[str] = set()
     attempt, first_plan = 0, plan
     while True:
@@ -396,17 +387,12 @@ async def _attempts(plan, key, original, user_key, stream, ready, gone):
                 response = await call()
             except ValidationError as exc:
                 await in_thread(gateway.void)(plan)
-                invalid = InvalidRequest(
-                    f"the request does not match Mistral's API: {exc.errors()[0]['msg']}"
-                )
-                invalid.plan = plan
-                raise invalid from None
+                message = f"the request does not match Mistral's API: {exc.errors()[0]['msg']}"
+                raise _met(InvalidRequest(message), plan) from None
             except (MistralError, httpx2.TransportError) as exc:
                 await in_thread(gateway.void)(plan)
                 if not _is_upstream_failure(exc):
-                    refused = _upstream_4xx(exc)
-                    refused.plan = plan
-                    raise refused from None
+                    raise _met(_upstream_4xx(exc), plan) from None
                 upstream.breaker.record_failure(plan.model.id)
                 log.warning(
                     "upstream %s failed for %s: %s",
@@ -421,15 +407,19 @@ async def _attempts(plan, key, original, user_key, stream, ready, gone):
         else:
             await in_thread(gateway.void)(plan)
         if gone is not None and gone.is_set():
-            raise UpstreamUnavailable("the upstream failed and the agent had left: no fallback")
+            message = "the upstream failed and the agent had left: no fallback"
+            raise _met(UpstreamUnavailable(message), plan)
         attempt += 1
         failed, plan = plan, await _next_plan(first_plan, key, original, user_key, tried, attempt)
         if plan is None:
-            unavailable = UpstreamUnavailable(
-                "no model answered: the upstream failed and no fallback was available"
-            )
-            unavailable.plan = failed
-            raise unavailable
+            message = "no model answered: the upstream failed and no fallback was available"
+            raise _met(UpstreamUnavailable(message), failed)
+
+
+def _met(error: Exception, plan: gateway.CallPlan) -> Exception:
+    """`error`, marked with the plan of the attempt that met it (its headers, metrics)."""
+    error.plan = plan
+    return error
 
 
 def _refusal_headers(error: Exception, plan, original) -> dict[str, str]:
@@ -453,6 +443,19 @@ def _refusal_headers(error: Exception, plan, original) -> dict[str, str]:
         headers["X-Budget-State"] = error.state or PeriodState.STOPPED
         headers["X-Budget-Remaining-Usd"] = nanos_to_usd(max(0, left))
     return headers
+
+
+def _used(plan: gateway.CallPlan, response) -> tuple[tuple[int, int], bool]:
+    """(prompt, completion) tokens an answered plain call used, and whether they are
+    estimated (no usage from upstream: all it could have used)."""
+    tokens = _usage_tokens(response.usage)
+    if tokens is None:
+        return (plan.input_bound, plan.max_tokens), True
+    return tokens, False
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
 
 
 def _usage_tokens(usage: Any) -> tuple[int, int] | None:
@@ -566,15 +569,12 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
         return reply
     if original.get("stream"):
         return _streaming_response(plan, response, started)  # counted once charged
-    latency_ms = int((time.monotonic() - started) * 1000)
-    tokens = _usage_tokens(response.usage)
-    estimated = tokens is None
-    if tokens is None:
-        tokens = (plan.input_bound, plan.max_tokens)
+    tokens, estimated = _used(plan, response)
     # The task starts only once this view awaits or returns: the reply is built first,
     # and a failure to build it still leaves the call charged.
     task = _settling_task(
-        _charge(plan, tokens, estimated=estimated, latency_ms=latency_ms), plan.request_id
+        _charge(plan, tokens, estimated=estimated, latency_ms=_ms_since(started)),
+        plan.request_id,
     )
     reply = HttpResponse(
         upstream.last_json_body() or _json(response), content_type="application/json"
@@ -968,13 +968,8 @@ async def _abandoned(calling: asyncio.Future, first, ready, stream: bool) -> Non
     if stream:
         await _settle(plan, response, None, 0, started)  # nothing read: its prompt
         return
-    tokens = _usage_tokens(response.usage)
-    estimated = tokens is None
-    latency_ms = int((time.monotonic() - started) * 1000)
-    await _charge(
-        plan, tokens or (plan.input_bound, plan.max_tokens), estimated=estimated,
-        latency_ms=latency_ms,
-    )  # fmt: skip
+    tokens, estimated = _used(plan, response)
+    await _charge(plan, tokens, estimated=estimated, latency_ms=_ms_since(started))
 
 
 async def _settle(plan, stream, usage, seen_bytes: int, started: float) -> None:
@@ -990,8 +985,7 @@ async def _settle(plan, stream, usage, seen_bytes: int, started: float) -> None:
         # No usage from upstream: the whole prompt bound, and every byte of content seen
         # as a token (a token is at least a byte), never more than max_tokens.
         tokens = (plan.input_bound, min(seen_bytes, plan.max_tokens))
-    latency_ms = int((time.monotonic() - started) * 1000)
-    await _charge(plan, tokens, estimated=estimated, latency_ms=latency_ms)
+    await _charge(plan, tokens, estimated=estimated, latency_ms=_ms_since(started))
 
 
 async def list_models(request: HttpRequest) -> HttpResponse:

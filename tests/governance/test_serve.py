@@ -78,68 +78,55 @@ def test_serve_runs_the_simulator_and_stops_everything_on_sigterm(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_child_that_ignores_sigterm_is_killed_with_what_it_started(tmp_path):
-    """As Celery's worker can: still in its warm shutdown at the deadline, with a pool
-    process of its own. Killing only the worker used to orphan the pool process."""
-    from governance.management.commands.serve import spawn, stop
+def child_with_its_own(tmp_path, *, ignore_sigterm: bool):
+    """A child (spawned as serve spawns) that starts a process of its own, as Celery's
+    worker starts its pool; returns (child, its process's pid)."""
+    from governance.management.commands.serve import spawn
 
     grandchild_pid = tmp_path / "grandchild.pid"
-    stubborn = (
+    code = (
         "import signal, subprocess, sys, time\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "pool = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_sigterm else "")
+        + "pool = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
         f"open({str(grandchild_pid)!r}, 'w').write(str(pool.pid))\n"
         "time.sleep(60)\n"
     )
-    child = spawn([sys.executable, "-c", stubborn])
+    child = spawn([sys.executable, "-c", code])
     deadline = time.monotonic() + 10
     while not grandchild_pid.exists() or not grandchild_pid.read_text():
         assert time.monotonic() < deadline, "the child never started its own"
         time.sleep(0.05)
-    pool = int(grandchild_pid.read_text())
+    return child, int(grandchild_pid.read_text())
+
+
+def assert_ended(pid: int) -> None:
+    for _ in range(100):  # an orphan is reaped by init once killed
+        if not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text():
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError("the child's own process outlived it")
+
+
+def test_a_child_that_ignores_sigterm_is_killed_with_what_it_started(tmp_path):
+    """As Celery's worker can: still in its warm shutdown at the deadline, with a pool
+    process of its own. Killing only the worker used to orphan the pool process."""
+    from governance.management.commands.serve import stop
+
+    child, pool = child_with_its_own(tmp_path, ignore_sigterm=True)
     started = time.monotonic()
     stop([child], seconds=0.5)
     assert time.monotonic() - started < 5
     assert child.returncode == -signal.SIGKILL
-    for _ in range(100):  # the orphan is reaped by init once killed
-        if (
-            not Path(f"/proc/{pool}").exists()
-            or "zombie" in Path(f"/proc/{pool}/status").read_text()
-        ):
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pool, signal.SIGKILL)
-        raise AssertionError("the child's own process outlived it")
+    assert_ended(pool)
 
 
 def test_what_a_child_left_behind_when_it_ended_is_ended_too(tmp_path):
     """A child that stops on SIGTERM but leaves a process of its own running (a Celery
     pool process whose worker died under it) would hold serve's output open."""
-    from governance.management.commands.serve import spawn, stop
+    from governance.management.commands.serve import stop
 
-    grandchild_pid = tmp_path / "grandchild.pid"
-    leaving = (
-        "import subprocess, sys, time\n"
-        "pool = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-        f"open({str(grandchild_pid)!r}, 'w').write(str(pool.pid))\n"
-        "time.sleep(60)\n"
-    )
-    child = spawn([sys.executable, "-c", leaving])
-    deadline = time.monotonic() + 10
-    while not grandchild_pid.exists() or not grandchild_pid.read_text():
-        assert time.monotonic() < deadline, "the child never started its own"
-        time.sleep(0.05)
-    pool = int(grandchild_pid.read_text())
+    child, pool = child_with_its_own(tmp_path, ignore_sigterm=False)
     stop([child], seconds=5)
     assert child.returncode == -signal.SIGTERM  # it ended on its own, in time
-    for _ in range(100):
-        if (
-            not Path(f"/proc/{pool}").exists()
-            or "zombie" in Path(f"/proc/{pool}/status").read_text()
-        ):
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pool, signal.SIGKILL)
-        raise AssertionError("the child's own process outlived it")
+    assert_ended(pool)
